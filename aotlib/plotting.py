@@ -1,0 +1,25 @@
+"""Figure helpers shared by the notebooks: one style, one place figures are saved."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+
+from aotlib.paths import figures_dir
+
+SCALES = ("smoke", "cpu", "paper")
+
+
+def check_scale(scale: str) -> str:
+    """Validate the notebooks' single scale switch."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    return scale
+
+
+def save_figure(fig: plt.Figure, name: str) -> str:
+    """Save `fig` as figures/<name>.png (or under AOTLIB_FIGURES) and return the file name."""
+    if not name or "/" in name or name.endswith(".png"):
+        raise ValueError(f"figure name must be a bare stem like '01_ssd_mask', got {name!r}")
+    path = figures_dir() / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight", metadata={"Software": None})
+    return path.name
