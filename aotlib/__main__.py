@@ -1,0 +1,81 @@
+"""Command line: `python -m aotlib {train,arrow} ...`.
+
+    python -m aotlib train --arch gpt --lang fr --direction backward
+    python -m aotlib arrow --arch gpt --lang fr --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from aotlib.arrow import paired_bootstrap, seed_spread
+from aotlib.experiments import both_directions, lm_config
+from aotlib.results import get_result, result_path
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scale", default="cpu", choices=["smoke", "cpu", "paper"])
+    p.add_argument("--arch", default="gpt", choices=["gpt", "lstm", "gru", "mamba2"])
+    p.add_argument("--size", default=None, help="model size preset (see aotlib.models.SIZES)")
+    p.add_argument("--lang", default="fr")
+    p.add_argument("--corpus", default=None, help="bible (default), cc100, or a text path")
+    p.add_argument("--context", type=int, default=None)
+    p.add_argument("--tokenizer", default="bpe", choices=["bpe", "bpe-reversed"])
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _config(args: argparse.Namespace, direction: str, seed: int):
+    over = {"steps": args.steps} if args.steps else {}
+    return lm_config(
+        args.scale,
+        arch=args.arch,
+        lang=args.lang,
+        direction=direction,
+        seed=seed,
+        size=args.size,
+        context=args.context,
+        tokenizer=args.tokenizer,
+        corpus=args.corpus,
+        **over,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aotlib", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train one model (resumes if interrupted)")
+    _common(t)
+    t.add_argument("--direction", default="forward", choices=["forward", "backward"])
+    t.add_argument("--seed", type=int, default=0)
+    a = sub.add_parser("arrow", help="train both directions and print delta with its interval")
+    _common(a)
+    a.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args = parser.parse_args(argv)
+
+    if args.command == "train":
+        cfg = _config(args, args.direction, args.seed)
+        r = get_result(cfg, args.scale, progress=not args.quiet)
+        print(f"{result_path(cfg, args.scale).name}: val loss {r['final_val_loss']:.4f} nats/token")
+        return 0
+
+    deltas = []
+    for seed in args.seeds:
+        fw_cfg, bw_cfg = both_directions(_config(args, "forward", seed))
+        fw = get_result(fw_cfg, args.scale, progress=not args.quiet)
+        bw = get_result(bw_cfg, args.scale, progress=not args.quiet)
+        d, lo, hi = paired_bootstrap(fw["val_window_losses"], bw["val_window_losses"])
+        deltas.append(d)
+        print(
+            f"seed {seed}: L_FW {fw['final_val_loss']:.4f}  L_BW {bw['final_val_loss']:.4f}  "
+            f"delta {100 * d:+.2f}%  (95% CI {100 * lo:+.2f}% .. {100 * hi:+.2f}%)"
+        )
+    if len(deltas) > 1:
+        mean, err = seed_spread(deltas)
+        print(f"across {len(deltas)} seeds: delta {100 * mean:+.2f}% +- {100 * err:.2f}% (s.e.)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Results stored under a hash of their config: ask for a result, get it or train it.
+
+    result = get_result(cfg, scale="cpu")   # loads results/cpu/<name>-<key>.json or trains
+
+Each result file carries its config, loss curves, final losses and provenance, and a
+checksum; a damaged file is retrained, never trusted. `make figures FRESH=1` (the
+environment variable AOTLIB_FRESH) retrains every result a notebook asks for, once
+per process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from aotlib.checkpoint import CorruptFile, load_json, save_json
+from aotlib.paths import cache_dir, fresh, results_dir
+from aotlib.train import TrainConfig, train
+
+_refreshed: set[str] = set()  # keys retrained in this process under FRESH
+
+
+def result_path(cfg: TrainConfig, scale: str) -> Path:
+    m, d = cfg.model, cfg.data
+    name = f"{m.arch}-{d.corpus if d.corpus in ('primes', 'linear') else d.lang}-{cfg.direction}"
+    return results_dir(scale) / f"{name}-{cfg.key()}.json"
+
+
+def _rounded(result: dict[str, Any]) -> dict[str, Any]:
+    out = dict(result)
+    for k in ("val_window_losses", "val_position_losses"):
+        out[k] = [round(x, 6) for x in result[k]]
+    return out
+
+
+def load_result(cfg: TrainConfig, scale: str) -> dict[str, Any] | None:
+    """The stored result for `cfg`, or None if absent or damaged."""
+    path = result_path(cfg, scale)
+    if not path.exists():
+        return None
+    try:
+        result = load_json(path)
+    except CorruptFile as err:
+        print(f"retraining: {err}")
+        return None
+    return result if result.get("key") == cfg.key() else None
+
+
+def get_result(
+    cfg: TrainConfig, scale: str, *, train_missing: bool = True, progress: bool = True
+) -> dict[str, Any]:
+    """Load the stored result of `cfg` at `scale`, training (resumably) if it is missing."""
+    key = cfg.key()
+    if not (fresh() and key not in _refreshed):
+        stored = load_result(cfg, scale)
+        if stored is not None:
+            return stored
+    if not train_missing:
+        raise FileNotFoundError(f"no stored result for {result_path(cfg, scale).name}")
+    run_dir = cache_dir() / "runs" / key
+    if fresh() and key not in _refreshed:
+        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    result = _rounded(train(cfg, run_dir, progress=progress))
+    save_json(result_path(cfg, scale), result)
+    _refreshed.add(key)
+    return result
+
+
+def summarize(results: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per result: the config fields figures group by, and the final loss."""
+    rows = []
+    for r in results:
+        c = r["config"]
+        rows.append(
+            {
+                "arch": c["model"]["arch"],
+                "corpus": c["data"]["corpus"],
+                "lang": c["data"]["lang"],
+                "context": c["data"]["context"],
+                "direction": c["direction"],
+                "seed": c["seed"],
+                "steps": c["steps"],
+                "n_params": r["n_params"],
+                "n_params_non_embedding": r["n_params_non_embedding"],
+                "val_loss": r["final_val_loss"],
+                "key": r["key"],
+            }
+        )
+    return pd.DataFrame(rows)
