@@ -1,7 +1,8 @@
-"""Command line: `python -m aotlib {train,arrow} ...`.
+"""Command line: `python -m aotlib {train,arrow,grid} ...`.
 
     python -m aotlib train --arch gpt --lang fr --direction backward
     python -m aotlib arrow --arch gpt --lang fr --seeds 0 1
+    python -m aotlib grid primes linear --shard 0/2     # a notebook's runs, half of them
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import sys
 
 from aotlib.arrow import paired_bootstrap, seed_spread
-from aotlib.experiments import both_directions, lm_config
+from aotlib.experiments import GRIDS, both_directions, lm_config
 from aotlib.results import get_result, result_path
 
 
@@ -52,7 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("arrow", help="train both directions and print delta with its interval")
     _common(a)
     a.add_argument("--seeds", type=int, nargs="+", default=[0])
+    g = sub.add_parser("grid", help="train every missing run of the named notebook grids")
+    g.add_argument("names", nargs="+", choices=sorted(GRIDS))
+    g.add_argument("--scale", default="cpu", choices=["smoke", "cpu", "paper"])
+    g.add_argument("--shard", default="0/1", help="i/n: this process takes every n-th run")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+
+    if args.command == "grid":
+        i, n = (int(x) for x in args.shard.split("/"))
+        runs = [cfg for name in args.names for cfg in GRIDS[name](args.scale)]
+        for cfg in runs[i::n]:
+            r = get_result(cfg, args.scale, progress=not args.quiet)
+            print(f"{result_path(cfg, args.scale).name}: {r['final_val_loss']:.4f}", flush=True)
+        return 0
 
     if args.command == "train":
         cfg = _config(args, args.direction, args.seed)

@@ -71,3 +71,120 @@ def lm_config(
 def both_directions(cfg: TrainConfig) -> tuple[TrainConfig, TrainConfig]:
     """The forward and backward versions of one config."""
     return replace(cfg, direction="forward"), replace(cfg, direction="backward")
+
+
+# Synthetic languages (notebooks 06 and 07). The cpu preset follows the calibration in
+# the issue tracker: with the paper's 5-digit primes a CPU budget learns neither
+# direction, so the cpu preset uses primes of up to 3 digits; `paper` keeps 5 digits.
+SYNTH_PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(size="xs", steps=40, batch_size=16, eval_every=10, lr=2e-3, warmup=5,
+                  digits=2, n_primes=(200, 40), n_lines=(2000, 200)),
+    "cpu": dict(size="s", steps=4000, batch_size=128, eval_every=200, lr=2e-3, warmup=100,
+                digits=3, n_primes=(12_000, 2_000), n_lines=(100_000, 2_000)),
+    "paper": dict(size="small", steps=50_000, batch_size=256, eval_every=1000, lr=1e-4,
+                  warmup=1000, digits=5, n_primes=(1_000_000, 10_000), n_lines=(1_000_000, 10_000)),
+}  # fmt: skip
+
+
+def synthetic_config(
+    scale: str, corpus: str, *, direction: str = "forward", seed: int = 0, **options: Any
+) -> TrainConfig:
+    """A character-level GPT on a synthetic language ("primes" or "linear")."""
+    p = SYNTH_PRESETS[check_scale(scale)]
+    if corpus == "primes":
+        opts = dict(digits=p["digits"], n_train=p["n_primes"][0], n_val=p["n_primes"][1])
+    elif corpus == "linear":
+        opts = dict(n=20, k=6, n_train=p["n_lines"][0], n_val=p["n_lines"][1])
+    else:
+        raise ValueError(f"corpus must be 'primes' or 'linear', got {corpus!r}")
+    steps = options.pop("steps", p["steps"])
+    opts.update(options)
+    data = DataConfig(corpus=corpus, tokenizer="char", options=tuple(sorted(opts.items())))
+    return TrainConfig(
+        model=model_config("gpt", p["size"]),
+        data=data,
+        direction=direction,
+        steps=steps,
+        batch_size=p["batch_size"],
+        lr=p["lr"],
+        min_lr=p["lr"] / 10,
+        warmup=p["warmup"],
+        eval_every=p["eval_every"],
+        checkpoint_every=p["eval_every"],
+        eval_windows=1024,
+        seed=seed,
+    )
+
+
+# ----------------------------------------------------------------------------- grids
+# Each notebook's runs, defined once: the notebook reads them, `python -m aotlib grid`
+# trains what is missing (two shards use both cores).
+
+LANGUAGES = {"smoke": ["fr", "en"], "cpu": ["en", "fr", "de", "tr"], "paper": ["en", "fr", "de"]}
+SEEDS = {"smoke": [0], "cpu": [0, 1], "paper": [0]}
+SIZES_FOR_ARCH = {
+    "smoke": {"gpt": ["xs"], "lstm": ["xs"]},
+    "cpu": {a: ["xs", "s", "m", "l"] for a in ("gpt", "lstm", "gru", "mamba2")},
+    "paper": {"gpt": ["nano", "small", "medium"], "lstm": ["small", "medium", "large"]},
+}
+CONTEXTS = {"smoke": [16, 32], "cpu": [16, 32, 64, 128, 256, 512], "paper": [16, 64, 256, 512]}
+LINEAR_KS = {"smoke": [0, 6], "cpu": [0, 4, 8, 16, 32, 50], "paper": [0, 2, 4, 8, 16, 32, 50]}
+
+
+def languages_grid(scale: str) -> list[TrainConfig]:
+    """Notebook 03: both directions for each language and seed, plus the tokenizer control."""
+    runs = []
+    for seed in SEEDS[scale]:
+        for lang in LANGUAGES[scale]:
+            runs += both_directions(lm_config(scale, lang=lang, seed=seed))
+        runs += both_directions(lm_config(scale, lang="fr", seed=seed, tokenizer="bpe-reversed"))
+    return runs
+
+
+def size_grid(scale: str) -> list[TrainConfig]:
+    """Notebook 04: both directions for each architecture and size (French)."""
+    steps = {"smoke": 30, "cpu": 300, "paper": None}[scale]
+    runs = []
+    for arch, sizes in SIZES_FOR_ARCH[scale].items():
+        for size in sizes:
+            over = {"steps": steps} if steps else {}
+            runs += both_directions(lm_config(scale, arch=arch, size=size, **over))
+    return runs
+
+
+def context_grid(scale: str) -> list[TrainConfig]:
+    """Notebook 05: both directions per context length at a fixed token budget per step."""
+    base = LM_PRESETS[scale]
+    tokens_per_step = base["batch_size"] * base["context"]
+    steps = {"smoke": 30, "cpu": 300, "paper": None}[scale]
+    runs = []
+    for lang in LANGUAGES[scale][:2] if scale != "cpu" else ["fr", "en"]:
+        for context in CONTEXTS[scale]:
+            over = dict(batch_size=max(1, tokens_per_step // context))
+            if steps:
+                over["steps"] = steps
+            runs += both_directions(lm_config(scale, lang=lang, context=context, **over))
+    return runs
+
+
+def primes_grid(scale: str) -> list[TrainConfig]:
+    """Notebook 06: multiply (forward) against factor (backward)."""
+    return list(both_directions(synthetic_config(scale, "primes")))
+
+
+def linear_grid(scale: str) -> list[TrainConfig]:
+    """Notebook 07: one 20x20 k=6 language (curves), then 25x25 languages across k."""
+    runs = list(both_directions(synthetic_config(scale, "linear")))
+    steps = {"smoke": 40, "cpu": 1500, "paper": 20_000}[scale]
+    for k in LINEAR_KS[scale]:
+        runs += both_directions(synthetic_config(scale, "linear", n=25, k=k, steps=steps))
+    return runs
+
+
+GRIDS = {
+    "primes": primes_grid,
+    "linear": linear_grid,
+    "languages": languages_grid,
+    "size": size_grid,
+    "context": context_grid,
+}

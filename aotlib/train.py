@@ -231,6 +231,10 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
+        loss = loss.detach()
+        if world > 1:  # report the global batch's loss, not this rank's share
+            torch.distributed.all_reduce(loss)
+            loss /= world
         record = {"step": step, "train_loss": float(loss), "lr": lr_at(cfg, step - 1)}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record["val_loss"] = float(evaluate(model, eval_sub, cfg.batch_size, device).mean())
