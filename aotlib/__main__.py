@@ -1,8 +1,8 @@
 """Command line: `python -m aotlib {train,arrow,grid} ...`.
 
-    python -m aotlib train --arch gpt --lang fr --direction backward
-    python -m aotlib arrow --arch gpt --lang fr --seeds 0 1
-    python -m aotlib grid primes linear --shard 0/2     # a notebook's runs, half of them
+python -m aotlib train --arch gpt --lang fr --direction backward
+python -m aotlib arrow --arch gpt --lang fr --seeds 0 1
+python -m aotlib grid primes linear --shard 0/2     # a notebook's runs, half of them
 """
 
 from __future__ import annotations

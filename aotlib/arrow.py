@@ -50,3 +50,12 @@ def seed_spread(deltas: Sequence[float]) -> tuple[float, float]:
         raise ValueError("no deltas given")
     err = d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else 0.0
     return float(d.mean()), float(err)
+
+
+def arrow_from_results(fw: dict, bw: dict, n_boot: int = 2000) -> dict[str, float]:
+    """delta with its paired-bootstrap interval from two stored results (see aotlib.results)."""
+    if fw["config"]["direction"] != "forward" or bw["config"]["direction"] != "backward":
+        raise ValueError("need a forward result and a backward result, in that order")
+    d, lo, hi = paired_bootstrap(fw["val_window_losses"], bw["val_window_losses"], n_boot)
+    return {"L_fw": fw["final_val_loss"], "L_bw": bw["final_val_loss"], "delta": d,
+            "lo": lo, "hi": hi}  # fmt: skip

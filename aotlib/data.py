@@ -11,6 +11,13 @@ permutation. The direction is applied afterwards by `orient`, which reverses
 - an exact model would have the same loss both ways (chain rule), so a gap measures
   how learnable each direction is.
 
+Tokenizers, one per corpus and language: "bpe" is a byte-level BPE trained on the
+forward text. "bpe-reversed" is the paper's control, a BPE trained on character-reversed
+text: it encodes the reversed text and its token list is reversed back, so the windows
+still hold forward-order tokens and `orient` works unchanged; the backward model then
+reads text cut by a tokenizer fitted to its own direction. "char" is one token per
+character.
+
 Windows do not overlap (stride T; the paper used stride T/2). Non-overlapping windows
 count every token once and keep validation tokens out of the training windows.
 

@@ -19,11 +19,14 @@ from aotlib.train import TrainConfig
 # issue tracker (4-layer GPT, d=128, BPE 4096, context 128, AdamW 2e-3, cosine decay).
 LM_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(size="xs", vocab_size=512, context=32, steps=30, batch_size=8,
-                  max_train_tokens=20_000, eval_every=10, lr=2e-3, warmup=5),
-    "cpu": dict(size="s", vocab_size=4096, context=128, steps=600, batch_size=32,
-                max_train_tokens=None, eval_every=50, lr=2e-3, warmup=50),
+                  max_train_tokens=20_000, eval_every=10, lr=2e-3, warmup=5,
+                  eval_windows=64, final_eval_windows=256),
+    "cpu": dict(size="s", vocab_size=4096, context=128, steps=300, batch_size=32,
+                max_train_tokens=None, eval_every=50, lr=2e-3, warmup=50,
+                eval_windows=128, final_eval_windows=None),
     "paper": dict(size="medium", vocab_size=50257, context=256, steps=100_000, batch_size=64,
-                  max_train_tokens=None, eval_every=1000, lr=1e-4, warmup=1000),
+                  max_train_tokens=None, eval_every=1000, lr=1e-4, warmup=1000,
+                  eval_windows=512, final_eval_windows=None),
 }  # fmt: skip
 
 
@@ -63,6 +66,8 @@ def lm_config(
         warmup=p["warmup"],
         eval_every=p["eval_every"],
         checkpoint_every=p["eval_every"],
+        eval_windows=p["eval_windows"],
+        final_eval_windows=p["final_eval_windows"],
         seed=seed,
     )
     return replace(cfg, **overrides) if overrides else cfg
@@ -87,9 +92,19 @@ SYNTH_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def synthetic_config(
-    scale: str, corpus: str, *, direction: str = "forward", seed: int = 0, **options: Any
+    scale: str,
+    corpus: str,
+    *,
+    direction: str = "forward",
+    seed: int = 0,
+    size: str | None = None,
+    batch_size: int | None = None,
+    **options: Any,
 ) -> TrainConfig:
-    """A character-level GPT on a synthetic language ("primes" or "linear")."""
+    """A character-level GPT on a synthetic language ("primes" or "linear").
+
+    `options` go to the generator (see aotlib.synthetic), except `steps`.
+    """
     p = SYNTH_PRESETS[check_scale(scale)]
     if corpus == "primes":
         opts = dict(digits=p["digits"], n_train=p["n_primes"][0], n_val=p["n_primes"][1])
@@ -101,11 +116,11 @@ def synthetic_config(
     opts.update(options)
     data = DataConfig(corpus=corpus, tokenizer="char", options=tuple(sorted(opts.items())))
     return TrainConfig(
-        model=model_config("gpt", p["size"]),
+        model=model_config("gpt", size or p["size"]),
         data=data,
         direction=direction,
         steps=steps,
-        batch_size=p["batch_size"],
+        batch_size=batch_size or p["batch_size"],
         lr=p["lr"],
         min_lr=p["lr"] / 10,
         warmup=p["warmup"],
@@ -134,7 +149,7 @@ LINEAR_KS = {"smoke": [0, 6], "cpu": [0, 4, 8, 16, 32, 50], "paper": [0, 2, 4, 8
 def languages_grid(scale: str) -> list[TrainConfig]:
     """Notebook 03: both directions for each language and seed, plus the tokenizer control."""
     runs = []
-    for seed in SEEDS[scale]:
+    for seed in SEEDS[scale]:  # seed-major, so a partial grid has whole seeds
         for lang in LANGUAGES[scale]:
             runs += both_directions(lm_config(scale, lang=lang, seed=seed))
         runs += both_directions(lm_config(scale, lang="fr", seed=seed, tokenizer="bpe-reversed"))
@@ -143,7 +158,7 @@ def languages_grid(scale: str) -> list[TrainConfig]:
 
 def size_grid(scale: str) -> list[TrainConfig]:
     """Notebook 04: both directions for each architecture and size (French)."""
-    steps = {"smoke": 30, "cpu": 300, "paper": None}[scale]
+    steps = {"smoke": 30, "cpu": 150, "paper": None}[scale]
     runs = []
     for arch, sizes in SIZES_FOR_ARCH[scale].items():
         for size in sizes:
@@ -156,7 +171,7 @@ def context_grid(scale: str) -> list[TrainConfig]:
     """Notebook 05: both directions per context length at a fixed token budget per step."""
     base = LM_PRESETS[scale]
     tokens_per_step = base["batch_size"] * base["context"]
-    steps = {"smoke": 30, "cpu": 300, "paper": None}[scale]
+    steps = {"smoke": 30, "cpu": 150, "paper": None}[scale]
     runs = []
     for lang in LANGUAGES[scale][:2] if scale != "cpu" else ["fr", "en"]:
         for context in CONTEXTS[scale]:
@@ -173,11 +188,16 @@ def primes_grid(scale: str) -> list[TrainConfig]:
 
 
 def linear_grid(scale: str) -> list[TrainConfig]:
-    """Notebook 07: one 20x20 k=6 language (curves), then 25x25 languages across k."""
-    runs = list(both_directions(synthetic_config(scale, "linear")))
-    steps = {"smoke": 40, "cpu": 1500, "paper": 20_000}[scale]
+    """Notebook 07: one 20x20 k=6 language (curves), then 25x25 languages across k.
+
+    At the cpu scale a 2-layer d=64 GPT keeps the 14 runs within a CPU budget.
+    """
+    small = {"smoke": {}, "cpu": dict(size="xs", batch_size=64), "paper": {}}[scale]
+    curve_steps = {"smoke": 40, "cpu": 2000, "paper": 20_000}[scale]
+    runs = list(both_directions(synthetic_config(scale, "linear", steps=curve_steps, **small)))
+    steps = {"smoke": 40, "cpu": 1000, "paper": 20_000}[scale]
     for k in LINEAR_KS[scale]:
-        runs += both_directions(synthetic_config(scale, "linear", n=25, k=k, steps=steps))
+        runs += both_directions(synthetic_config(scale, "linear", n=25, k=k, steps=steps, **small))
     return runs
 
 

@@ -2,7 +2,9 @@
 
 Pre-LayerNorm blocks (attention, then a 4x GELU MLP), learned position embeddings,
 dropout on embeddings, attention weights and both residual branches, a final LayerNorm
-and an LM head tied to the token embedding. Init as in GPT-2/nanoGPT: N(0, 0.02)
+and an LM head tied to the token embedding. Attention is F.scaled_dot_product_attention
+(flash attention on CPU too) except when training with dropout, where the weights are
+materialised so that `aotlib.models.Dropout` can drop them. Init as in GPT-2/nanoGPT: N(0, 0.02)
 everywhere, residual output projections scaled by 1/sqrt(2 n_layer) so the residual
 stream's variance does not grow with depth.
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aotlib.models import ModelConfig, check_input
+from aotlib.models import Dropout, ModelConfig, check_input, dropout_keep_mask
 
 
 def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -39,7 +41,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = Dropout(cfg.dropout)
         self.use_reference = False  # True: plain attention instead of SDPA (tests)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,9 +53,16 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if self.use_reference:
             y = causal_attention_reference(q, k, v)
+        elif self.training and self.dropout > 0:
+            # SDPA's own dropout draws one random number per weight (slow on CPU) and
+            # falls back to this same materialised form anyway.
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
+            future = torch.full((T, T), float("-inf"), device=x.device).triu(1)  # (T, T)
+            att = (att + future).softmax(dim=-1)  # an add needs no work in backward
+            scale = dropout_keep_mask(att, self.dropout) * (1.0 / (1.0 - self.dropout))
+            y = (att * scale.to(att.dtype)) @ v  # (B, nh, T, hs)
         else:
-            p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -64,7 +73,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, 4C) inside
@@ -91,7 +100,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.context, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aotlib.models import ModelConfig, check_input
+from aotlib.models import Dropout, ModelConfig, check_input
 from aotlib.ssd import ssd
 
 D_CONV = 4  # width of the short causal convolution (the paper's default)
@@ -72,7 +72,7 @@ class Mamba2Block(nn.Module):
         self.ssd_backend = "auto"
 
         # Order of the projection's outputs: z, x, B, C, dt.
-        self.in_proj = nn.Linear(cfg.d_model, 2 * d_inner + 2 * self.d_bc + self.nheads, bias=False)  # fmt: skip
+        self.in_proj = nn.Linear(cfg.d_model, 2 * d_inner + 2 * self.d_bc + self.nheads, bias=False)
         conv_dim = d_inner + 2 * self.d_bc
         self.conv1d = nn.Conv1d(
             conv_dim, conv_dim, D_CONV, groups=conv_dim, padding=D_CONV - 1, bias=True
@@ -116,7 +116,7 @@ class Mamba2LM(nn.Module):
             raise ValueError(f"Mamba2LM needs cfg.arch == 'mamba2', got {cfg.arch!r}")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.norms = nn.ModuleList(RMSNorm(cfg.d_model) for _ in range(cfg.n_layer))
         self.blocks = nn.ModuleList(Mamba2Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = RMSNorm(cfg.d_model)

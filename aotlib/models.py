@@ -16,46 +16,51 @@ The Arrows-of-Time paper quotes *total* parameters of models with an *untied* he
 (e.g. GPT "small" 55.7M, "nano" 4.9M): our tied GPT's total plus vocab_size * d_model
 equals their number (see `tests/test_models.py`).
 
-Sizes (non-embedding / total parameters at the preset's vocab and context; CPU sizes at
-vocab 4096, context 128; paper sizes at vocab 50257, context 256):
+Sizes, in millions of parameters (`python -m aotlib.models` prints this table; CPU
+sizes at vocab 4096 and context 128, paper sizes at their own vocab 50257, context 256):
 
-    arch    size    layers  d_model  non-emb     total      notes
-    gpt     xs      2       64       0.10M       0.37M      CPU scale
-    gpt     s       4       128      0.79M       1.33M      CPU default (issue calibration)
-    gpt     m       5       160      1.55M       2.22M
-    gpt     l       6       192      2.67M       3.48M
-    gpt     nano    3       48       0.08M       2.50M      paper: 4.9M untied
-    gpt     micro   4       128      0.79M       7.25M
-    gpt     mini    6       192      2.67M       12.37M
-    gpt     small   10      380      17.35M      36.54M     paper: 55.7M untied
-    gpt     gpt1    12      768      85.05M      123.85M
-    gpt     medium  24      1024     302.31M     354.09M    paper: 405M untied (GPT-2 medium)
-    lstm    xs      1       128      0.13M       1.18M      untied head
-    lstm    s       2       192      0.59M       2.16M
-    lstm    m       2       288      1.33M       3.69M
-    lstm    l       3       352      2.98M       5.87M
-    lstm    small   1       256      0.53M       26.26M     paper: 26M
-    lstm    medium  3       512      6.31M       57.77M     paper figure says 38M (see below)
-    lstm    large   5       768      23.63M      100.83M    paper: 101M
-    gru     xs      1       128      0.10M       1.15M
-    gru     s       2       224      0.61M       2.44M
-    gru     m       2       320      1.23M       3.86M
-    gru     l       3       384      2.66M       5.81M
-    gru     small   1       256      0.40M       26.13M     paper: 26M
-    gru     medium  3       512      4.73M       56.20M     paper: 56M
-    gru     large   5       768      17.72M      94.92M     paper: 94M
-    mamba2  xs      3       64       0.10M       0.36M      N=64, P=32, expand 2
-    mamba2  s       8       128      0.95M       1.47M      two Mamba layers per GPT block
-    mamba2  m       8       160      1.41M       2.06M
-    mamba2  l       10      192      2.48M       3.26M
-    mamba2  130m    24      768      90.33M      128.93M    Mamba-2 paper (N=128, P=64)
-    mamba2  medium  48      1024     319.51M     370.97M    Mamba-2 370M, ~ GPT-2 medium
+    arch    size    layers  d_model  non-emb  total    notes
+    gpt     xs      2       64       0.10     0.37     CPU scale, 2 heads
+    gpt     s       4       128      0.79     1.33     CPU default (4 heads)
+    gpt     m       5       160      1.55     2.22
+    gpt     l       6       192      2.67     3.48
+    gpt     nano    3       48       0.08     2.51     paper 4.9M   = 2.51 + 2.41 untied head
+    gpt     micro   4       128      0.79     7.26
+    gpt     mini    6       192      2.67     12.37
+    gpt     small   10      380      17.38    36.57    paper 55.7M  = 36.57 + 19.10
+    gpt     gpt1    12      768      85.06    123.85
+    gpt     medium  24      1024     302.31   354.04   paper 405M   = 354.04 + 51.46 (GPT-2 medium)
+    lstm    xs      1       128      0.13     1.18     untied head (a second vocab x d table)
+    lstm    s       2       192      0.59     2.17
+    lstm    m       2       288      1.33     3.69
+    lstm    l       3       352      2.98     5.87
+    lstm    small   1       256      0.53     26.26    paper 26M
+    lstm    medium  3       512      6.30     57.77    paper figure reads 38M (see below)
+    lstm    large   5       768      23.63    100.82   paper 101M
+    gru     xs      1       128      0.10     1.15
+    gru     s       2       224      0.61     2.44
+    gru     m       2       320      1.23     3.85
+    gru     l       3       384      2.66     5.81
+    gru     small   1       256      0.40     26.13    paper 26M
+    gru     medium  3       512      4.73     56.19    paper 56M
+    gru     large   5       768      17.72    94.91    paper 94M
+    mamba2  xs      3       64       0.10     0.37     N=64, P=32, expand 2, chunk 32
+    mamba2  s       8       128      0.94     1.47     two Mamba-2 layers per GPT block
+    mamba2  m       8       160      1.43     2.08
+    mamba2  l       10      192      2.51     3.30
+    mamba2  130m    24      768      90.37    128.97   Mamba-2 paper 130M (N=128, P=64)
+    mamba2  medium  48      1024     316.85   368.31   Mamba-2 370M, the size of GPT-2 medium
 
-The RNN paper sizes are the Arrows-of-Time configs (1x256, 3x512, 5x768; hidden size
-= embedding size, untied head, final LayerNorm). They reproduce the quoted 26M/101M
-(LSTM) and 26M/56M/94M (GRU); the 38M read off the paper's LSTM figure does not match
-the 3x512 config (57.8M), and no layer/width choice of that design gives 38M naturally,
-so we keep the config. (The table above is regenerated by `python -m aotlib.models`.)
+The RNN paper sizes are the Arrows-of-Time configs (1x256, 3x512, 5x768; hidden size =
+embedding size, untied head, final LayerNorm, dropout 0.05). They reproduce the quoted
+26M/101M (LSTM) and 26M/56M/94M (GRU). The 38M of the middle LSTM does not match its
+3x512 config (57.8M) and no depth/width of this design lands near 38M, so we keep the
+config. Every arch has a "medium" (the default size of the "paper" scale).
+
+Dropout everywhere is `Dropout` (below), not nn.Dropout: the same distribution with
+four decisions per random draw, several times cheaper on a CPU. `fused_lm_loss` computes
+the LM head and the cross-entropy in cache-sized blocks (`LinearCrossEntropy`); both
+are CPU speed-ups measured by `python -m aotlib.bench train`.
 """
 
 from __future__ import annotations
@@ -174,7 +179,8 @@ def model_config(arch: str, size: str, **overrides: Any) -> ModelConfig:
     if arch not in SIZES:
         raise ValueError(f"arch must be one of {tuple(SIZES)}, got {arch!r}")
     if size not in SIZES[arch]:
-        raise ValueError(f"size for arch {arch!r} must be one of {tuple(SIZES[arch])}, got {size!r}")  # fmt: skip
+        known_sizes = tuple(SIZES[arch])
+        raise ValueError(f"size for arch {arch!r} must be one of {known_sizes}, got {size!r}")
     known = {f.name for f in fields(ModelConfig)} - {"arch"}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -225,14 +231,73 @@ def count_parameters(model: nn.Module, non_embedding: bool = True) -> int:
     return sum(p.numel() for p in params.values())
 
 
+# -------------------------------------------------------------------------------------
+# Pieces shared by the models: input check, dropout
+# -------------------------------------------------------------------------------------
+
+
 def check_input(idx: torch.Tensor, cfg: ModelConfig) -> None:
     """Shared input check of every model: (B, T) integer ids, 1 <= T <= context."""
     if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"idx must be a (B, T) integer tensor, got {idx.dtype} {tuple(idx.shape)}")  # fmt: skip
+        raise ValueError(f"idx must be a (B, T) integer tensor, got {idx.dtype} {tuple(idx.shape)}")
     if not 1 <= idx.shape[1] <= cfg.context:
         raise ValueError(
-            f"input length T={idx.shape[1]} must be in [1, context={cfg.context}] (idx {tuple(idx.shape)})"  # fmt: skip
+            f"input length T={idx.shape[1]} must be in [1, context={cfg.context}]"
+            f" (idx {tuple(idx.shape)})"
         )
+
+
+def dropout_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A boolean mask shaped like x, each entry True with probability 1 - p (to 2^-15).
+
+    nn.Dropout draws one random number per element, ~10-15 ns each on a CPU, which for
+    the CPU GPT costs about as much as all its matmuls. One 64-bit draw from the same
+    generator (torch's default, so seeding and saved RNG states still apply) holds
+    four 16-bit lanes; keeping 15 uniform bits of each gives four decisions per draw.
+    """
+    n = x.numel()
+    bits = _random_bits(x, (n + 3) // 4)  # (ceil(n/4),) uniform on [0, 2^63)
+    lanes = bits.view(torch.int16)[:n].view(x.shape) & 0x7FFF  # uniform on [0, 2^15)
+    return lanes >= round(p * 32768)
+
+
+# A custom op, so torch.compile treats the draw as one opaque random op (no graph break;
+# the nondeterministic tag stops the compiler from recomputing it for the backward).
+# It takes the tensor being dropped as an input, only so that two draws of the same size
+# are never merged into one by common-subexpression elimination (tested).
+@torch.library.custom_op(
+    "aotlib::random_bits", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def _random_bits(like: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.int64, device=like.device).random_()
+
+
+@_random_bits.register_fake
+def _(like: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.int64, device=like.device)
+
+
+class Dropout(nn.Module):
+    """nn.Dropout with `dropout_keep_mask`: same distribution (p rounded to 2^-15), faster."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        # Multiplying by a float mask (not torch.where) makes backward a single product.
+        scale = dropout_keep_mask(x, self.p) * (1.0 / (1.0 - self.p))  # float32: 0 or 1/(1-p)
+        return x * scale.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+# -------------------------------------------------------------------------------------
+# LM head and cross-entropy in one pass
+# -------------------------------------------------------------------------------------
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -254,20 +319,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_dh else None
         dW = torch.zeros_like(Wf) if need_dW else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for i in range(0, n, rows):
-            hc, tc = h[i : i + rows].float(), targets[i : i + rows]  # (r, d), (r,)
-            logits = hc @ Wf.t()  # (r, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (r,)
-            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            if need_dh or need_dW:
-                # d(mean loss)/d logits = (softmax - onehot) / n, built in place.
-                g = logits.sub_(lse[:, None]).exp_()  # (r, V)
-                g[torch.arange(len(tc), device=g.device), tc] -= 1.0
-                g.mul_(1.0 / n)
-                if need_dh:
-                    torch.mm(g, Wf, out=dh[i : i + rows])  # (r, d)
-                if need_dW:
-                    dW.addmm_(g.t(), hc)  # (V, d)
+        with torch.autocast(h.device.type, enabled=False):  # float32 sums over the vocab
+            _blocks(h, Wf, targets, rows, total, dh, dW)
         ctx.save_for_backward(dh, dW)
         ctx.dtypes = (h.dtype, W.dtype)
         return total / n
@@ -278,6 +331,37 @@ class LinearCrossEntropy(torch.autograd.Function):
         gh = None if dh is None else (dh * grad_out).to(ctx.dtypes[0])
         gW = None if dW is None else (dW * grad_out).to(ctx.dtypes[1])
         return gh, gW, None, None
+
+
+def _blocks(
+    h: torch.Tensor,
+    Wf: torch.Tensor,
+    targets: torch.Tensor,
+    rows: int,
+    total: torch.Tensor,
+    dh: torch.Tensor | None,
+    dW: torch.Tensor | None,
+) -> None:
+    """LinearCrossEntropy's loop: add each block's loss to `total`, write dh, add to dW."""
+    n = h.shape[0]
+    for i in range(0, n, rows):
+        hc, tc = h[i : i + rows].float(), targets[i : i + rows]  # (r, d), (r,)
+        logits = hc @ Wf.t()  # (r, V)
+        picked = logits.gather(1, tc[:, None])  # (r, 1) logit of each target
+        # Stable log-sum-exp, keeping exp(logits - max) for the gradient: one exp pass.
+        top = logits.amax(dim=-1, keepdim=True)  # (r, 1)
+        e = logits.sub_(top).exp_()  # (r, V), in place
+        z = e.sum(dim=-1, keepdim=True)  # (r, 1)
+        total += (top + z.log() - picked).sum()
+        if dh is None and dW is None:
+            continue
+        # d(mean loss)/d logits = (softmax - onehot) / n, built in place.
+        g = e.mul_(1.0 / (z * n))  # (r, V)
+        g[torch.arange(len(tc), device=g.device), tc] -= 1.0 / n
+        if dh is not None:
+            torch.mm(g, Wf, out=dh[i : i + rows])  # (r, d)
+        if dW is not None:
+            dW.addmm_(g.t(), hc)  # (V, d)
 
 
 def fused_lm_loss(model: nn.Module, windows: torch.Tensor, rows: int | None = None) -> torch.Tensor:

@@ -23,3 +23,12 @@ def save_figure(fig: plt.Figure, name: str) -> str:
     path = figures_dir() / f"{name}.png"
     fig.savefig(path, dpi=120, bbox_inches="tight", metadata={"Software": None})
     return path.name
+
+
+def plot_curves(ax, fw: dict, bw: dict, label: str = "", key: str = "val_loss") -> None:
+    """Forward (solid) and backward (dashed) validation-loss curves of two stored results."""
+    for result, style, name in ((fw, "-", "forward"), (bw, "--", "backward")):
+        pts = [(h["step"], h[key]) for h in result["history"] if key in h]
+        steps, losses = zip(*pts)
+        ax.plot(steps, losses, style, label=f"{label} {name}".strip())
+    ax.set(xlabel="training step", ylabel="validation loss (nats/token)")

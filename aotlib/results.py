@@ -10,6 +10,7 @@ per process.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,8 @@ def get_result(
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     result = _rounded(train(cfg, run_dir, progress=progress))
     save_json(result_path(cfg, scale), result)
-    _refreshed.add(key)
+    if fresh():
+        _refreshed.add(key)
     return result
 
 
@@ -88,4 +90,29 @@ def summarize(results: list[dict[str, Any]]) -> pd.DataFrame:
                 "key": r["key"],
             }
         )
+    return pd.DataFrame(rows)
+
+
+def arrow_table(runs: list[TrainConfig], results: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (forward, backward) pair of a grid: config fields, losses, delta, CI.
+
+    Grids list each forward config immediately followed by its backward twin
+    (see aotlib.experiments.both_directions); this pairs them and checks that they are.
+    """
+    from aotlib.arrow import arrow_from_results
+
+    if len(runs) != len(results) or len(runs) % 2:
+        raise ValueError(f"need an even number of runs with results, got {len(runs)}")
+    rows = []
+    for i in range(0, len(runs), 2):
+        fw_cfg, bw_cfg = runs[i], runs[i + 1]
+        if replace(fw_cfg, direction="backward") != bw_cfg:
+            raise ValueError(f"runs {i} and {i + 1} are not a forward/backward pair")
+        m, d = fw_cfg.model, fw_cfg.data
+        row = {"arch": m.arch, "n_layer": m.n_layer, "d_model": m.d_model, "lang": d.lang, "tokenizer": d.tokenizer, "context": d.context,
+               "seed": fw_cfg.seed, "steps": fw_cfg.steps, "n_params": results[i]["n_params"],
+               "n_params_non_embedding": results[i]["n_params_non_embedding"]}  # fmt: skip
+        row.update(dict(d.options))
+        row.update(arrow_from_results(results[i], results[i + 1]))
+        rows.append(row)
     return pd.DataFrame(rows)

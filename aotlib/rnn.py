@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aotlib.models import ModelConfig, check_input
+from aotlib.models import Dropout, ModelConfig, check_input
 
 
 class RNNLM(nn.Module):
@@ -24,7 +24,7 @@ class RNNLM(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.wte = nn.Embedding(cfg.vocab_size, d)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         rnn_cls = nn.LSTM if cfg.arch == "lstm" else nn.GRU
         # nn.LSTM/GRU apply `dropout` between layers only (not after the last one).
         inter = cfg.dropout if cfg.n_layer > 1 else 0.0

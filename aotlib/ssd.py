@@ -123,6 +123,17 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
 
 
+def _common_dtype(*tensors: Tensor | None) -> list[Tensor | None]:
+    """All inputs in one dtype (matmuls do not promote): e.g. a float32 A with bf16 x."""
+    dtype = x_dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    if all(t is None or t.dtype == x_dtype for t in tensors):
+        return list(tensors)
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
 def _heads_from_groups(t: Tensor, nheads: int) -> Tensor:
     """(b, l, g, n) -> (b, l, h, n): head i reads group i // (h // g), as in GQA."""
     return t.repeat_interleave(nheads // t.shape[2], dim=2)
@@ -203,11 +214,13 @@ def ssd_scan(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The SSD recurrence, one time step at a time: slow, obviously right."""
     b, l, h, p, g, n = check_ssd_inputs(x, dt, A, B, C, None, D, initial_state)
+    x_dtype = x.dtype
+    x, dt, A, B, C, D, initial_state = _common_dtype(x, dt, A, B, C, D, initial_state)
     Bh, Ch = _heads_from_groups(B, h), _heads_from_groups(C, h)  # (b, l, h, n)
     if initial_state is None:
         H = x.new_zeros(b, h, p, n)
     else:
-        H = initial_state.to(x.dtype)
+        H = initial_state
     a = torch.exp(dt * A)  # (b, l, h)
     ys = []
     for t in range(l):
@@ -217,6 +230,7 @@ def ssd_scan(
     y = torch.stack(ys, dim=1)  # (b, l, h, p)
     if D is not None:
         y = y + x * D[:, None]
+    y = y.to(x_dtype)  # in x's dtype whatever the others' (the state stays in the common one)
     return (y, H) if return_final_state else y
 
 
@@ -237,6 +251,8 @@ def ssd_quadratic(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Y = M X with M materialised: O(l^2) time and memory, the 'attention' side of SSD."""
     b, l, h, p, g, n = check_ssd_inputs(x, dt, A, B, C, None, D, initial_state)
+    x_dtype = x.dtype
+    x, dt, A, B, C, D, initial_state = _common_dtype(x, dt, A, B, C, D, initial_state)
     Bh = _heads_from_groups(B, h).transpose(1, 2)  # (b, h, l, n)
     Ch = _heads_from_groups(C, h).transpose(1, 2)  # (b, h, l, n)
     L = _decay_matrix(dt, A)  # (b, h, l, l)
@@ -251,12 +267,13 @@ def ssd_quadratic(
         # The carried-in state decays by a_1 ... a_t before it is read at step t; the
         # cumsum starts at step 1, so it is a sum over the segment itself.
         carry = torch.exp(torch.cumsum(dt_h * A[:, None], dim=-1))  # (b, h, l)
-        H0 = initial_state.to(x.dtype)
+        H0 = initial_state
         y = y + carry.unsqueeze(-1) * (Ch @ H0.transpose(-1, -2))  # (b, h, l, p)
         final = final + carry[..., -1, None, None] * H0
     y = y.transpose(1, 2)  # (b, l, h, p)
     if D is not None:
         y = y + x * D[:, None]
+    y = y.to(x_dtype)
     return (y, final) if return_final_state else y
 
 
@@ -270,33 +287,35 @@ def ssd_quadratic(
 # ---------------------------------------------------------------------------
 
 
-def diagonal_blocks(xdt: Tensor, L: Tensor, B: Tensor, C: Tensor) -> Tensor:
+def diagonal_blocks(xdt_h: Tensor, L: Tensor, B: Tensor, C: Tensor) -> Tensor:
     """Step 1: outputs from inputs in the same chunk, Y_diag = (L o C B^T) (dt x).
 
-    xdt (b, c, Q, h, p) = dt x; L (b, c, h, Q, Q) = exp(segsum(dt A)) per chunk;
-    B, C (b, c, Q, g, n). Returns (b, c, h, Q, p): the quadratic form on each diagonal
-    block, as if every chunk started from a zero state.
+    xdt_h (b, c, h, Q, p) = dt x with heads before time (the batched matmul's layout);
+    L (b, c, h, Q, Q) = exp(segsum(dt A)) per chunk; B, C (b, c, Q, g, n).
+    Returns (b, c, h, Q, p): the quadratic form on each diagonal block, as if every chunk
+    started from a zero state.
     """
-    b, c, Q, h, p = xdt.shape
+    b, c, h, Q, p = xdt_h.shape
     g = B.shape[3]
     # C B^T computed as (B C^T)^T, so that like L (from `_segsum_transposed`) it is stored
     # transposed: M then is too, and the last matmul reads it with a transpose flag.
     CB = (B.transpose(2, 3) @ C.permute(0, 1, 3, 4, 2)).transpose(-1, -2)  # (b, c, g, Q, Q)
-    causal = torch.ones(Q, Q, dtype=xdt.dtype, device=xdt.device).tril()
+    causal = torch.ones(Q, Q, dtype=L.dtype, device=L.device).tril()
     M = L.view(b, c, g, h // g, Q, Q) * (CB * causal).unsqueeze(3)  # (b, c, g, hg, Q, Q)
-    return M.view(b, c, h, Q, Q) @ xdt.transpose(2, 3)  # (b, c, h, Q, p)
+    return M.view(b, c, h, Q, Q) @ xdt_h  # (b, c, h, Q, p)
 
 
-def chunk_state(xdt: Tensor, decay_to_end: Tensor, B: Tensor) -> Tensor:
+def chunk_state(x: Tensor, weight: Tensor, B: Tensor) -> Tensor:
     """Step 2: each chunk's final state from its own inputs (zero state coming in).
 
-    state_c = sum_s decay_to_end_s (dt x)_s B_s^T, with decay_to_end (b, c, Q, h) the
-    decay from step s to the chunk's last step. Returns (b, c, g, n, hg*p): the state
-    transposed, all heads of a group side by side.
+    state_c = sum_s weight_s x_s B_s^T over the chunk's steps s, where weight (b, c, Q, h)
+    is dt_s times the decay from step s to the chunk's last step; x (b, c, Q, h, p),
+    B (b, c, Q, g, n). Returns (b, c, g, n, hg*p): the state transposed, all heads of a
+    group side by side.
     """
-    b, c, Q, h, p = xdt.shape
+    b, c, Q, h, p = x.shape
     g = B.shape[3]
-    u = xdt * decay_to_end.unsqueeze(-1)  # (b, c, Q, h, p)
+    u = x * weight.unsqueeze(-1)  # (b, c, Q, h, p)
     u = u.view(b, c, Q, g, (h // g) * p).transpose(2, 3)  # (b, c, g, Q, hg*p)
     return B.permute(0, 1, 3, 4, 2) @ u  # (b, c, g, n, hg*p)
 
@@ -315,7 +334,7 @@ def state_passing(
     b, c, g, n, hgp = states.shape
     hg = chunk_decay.shape[-1] // g
     decays = chunk_decay.view(b, c, g, 1, hg, 1).unbind(1)  # broadcast over (n, p)
-    S = initial_state.view(b, g, n, hg, hgp // hg)
+    S = initial_state.reshape(b, g, n, hg, hgp // hg)
     entering = []
     for s, a in zip(states.view(b, c, g, n, hg, -1).unbind(1), decays):
         entering.append(S)
@@ -323,18 +342,24 @@ def state_passing(
     return torch.stack(entering, dim=1).view(b, c, g, n, hgp), S.view(b, g, n, hgp)
 
 
-def state_to_output(S: Tensor, decay_from_start: Tensor, C: Tensor) -> Tensor:
-    """Step 4: what the state entering each chunk contributes to that chunk's outputs.
+def state_to_output(
+    S: Tensor, decay_from_start: Tensor, C: Tensor, y_diag: Tensor, out: Tensor | None = None
+) -> Tensor:
+    """Step 4: add what the state entering each chunk contributes to that chunk's outputs.
 
-    y_t = decay_from_start_t S_c C_t, with decay_from_start (b, c, Q, h) the decay from
-    the chunk's start through step t. S (b, c, g, n, hg*p) entering states from
-    `state_passing`, C (b, c, Q, g, n). Returns (b, c, Q, h, p).
+    y_t = y_diag_t + decay_from_start_t S_c C_t, with decay_from_start (b, c, Q, h) the
+    decay from the chunk's start through step t. S (b, c, g, n, hg*p) entering states from
+    `state_passing`, C (b, c, Q, g, n), y_diag (b, c, h, Q, p) from `diagonal_blocks`.
+    Returns (b, c, Q, h, p), written into `out` when given (one pass, no temporary).
     """
     b, c, g, n, hgp = S.shape
     Q, h = decay_from_start.shape[2], decay_from_start.shape[3]
     y = C.transpose(2, 3) @ S  # (b, c, g, Q, hg*p)
     y = y.transpose(2, 3).reshape(b, c, Q, h, hgp * g // h)  # (b, c, Q, h, p)
-    return y * decay_from_start.unsqueeze(-1)
+    decay = decay_from_start.unsqueeze(-1)
+    if out is None:
+        return y * decay + y_diag.transpose(2, 3)
+    return torch.addcmul(y_diag.transpose(2, 3), y, decay, out=out)
 
 
 # The chunked path works through the sequence a block of chunks at a time, carrying the
@@ -355,47 +380,75 @@ def ssd_chunked(
     initial_state: Tensor | None = None,
     return_final_state: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """The chunked SSD algorithm: O(l Q) work in matmuls, O(l / Q) sequential steps."""
+    """The chunked SSD algorithm: O(l Q) work in matmuls, O(l / Q) sequential steps.
+
+    The four steps run on a block of chunks at a time (see `_BLOCK_ELEMENTS`), the state
+    carried from block to block by `state_passing`; any length and any chunk size work.
+    """
     _check_chunk_size(chunk_size)
     b, l, h, p, g, n = check_ssd_inputs(x, dt, A, B, C, chunk_size, D, initial_state)
     Q, hg = chunk_size, h // g
+    y = x.new_empty(b, l, h, p)  # in x's dtype; the rest is computed in the common one
+    x, dt, A, B, C, D, initial_state = _common_dtype(x, dt, A, B, C, D, initial_state)
+    # When autograd is not recording, outputs go straight into y (out=, in place): fewer
+    # passes over memory. When it is, every step is an ordinary differentiable op.
+    recording = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, dt, A, B, C, D, initial_state) if t is not None
+    )
     if initial_state is None:
         S = x.new_zeros(b, g, n, hg * p)
     else:
         # (b, h, p, n) -> (b, g, n, hg*p), the layout the chunk states use
-        S = initial_state.to(x.dtype).view(b, g, hg, p, n).permute(0, 1, 4, 2, 3)
+        S = initial_state.reshape(b, g, hg, p, n).permute(0, 1, 4, 2, 3)
         S = S.reshape(b, g, n, hg * p)
+    nchunks = -(-l // Q)
+    pad = nchunks * Q - l
+    # Padding with dt = 0 means a_t = 1 and no input: the state passes through the padded
+    # tail unchanged, so the final state stays exact.
+    dt_c = F.pad(dt, (0, 0, 0, pad)).reshape(b, nchunks, Q, h)
+    # The decays are small (b, l, h) tensors: computed for the whole sequence at once.
+    dA = (dt_c * A).transpose(2, 3).contiguous()  # (b, nchunks, h, Q)
+    dA_cs = torch.cumsum(dA, dim=-1)  # (b, nchunks, h, Q), from each chunk's start
+    decay_from_start = torch.exp(dA_cs).transpose(2, 3)  # (b, nchunks, Q, h), step 4
+    chunk_decay = torch.exp(dA_cs[..., -1])  # (b, nchunks, h), step 3
+
     chunks_per_block = max(1, _BLOCK_ELEMENTS // (b * h * Q * max(Q, p, n)))
-    y = x.new_empty(b, l, h, p)
-    for t0 in range(0, l, chunks_per_block * Q):
-        t1 = min(t0 + chunks_per_block * Q, l)
-        xb, dtb, Bb, Cb = x[:, t0:t1], dt[:, t0:t1], B[:, t0:t1], C[:, t0:t1]
-        pad = -(t1 - t0) % Q
-        if pad:
-            # Only the last block can be ragged. Padding with dt = 0 means a_t = 1 and no
-            # input: the state passes through unchanged, so the final state stays exact.
-            xb, dtb = F.pad(xb, (0, 0, 0, 0, 0, pad)), F.pad(dtb, (0, 0, 0, pad))
-            Bb, Cb = F.pad(Bb, (0, 0, 0, 0, 0, pad)), F.pad(Cb, (0, 0, 0, 0, 0, pad))
-        c = (t1 - t0 + pad) // Q
-        xb, dtb = xb.reshape(b, c, Q, h, p), dtb.reshape(b, c, Q, h)
+    for k0 in range(0, nchunks, chunks_per_block):
+        k1 = min(k0 + chunks_per_block, nchunks)
+        c, t0, t1 = k1 - k0, k0 * Q, min(k1 * Q, l)
+        ragged = t1 - t0 < c * Q  # only the last block can be: pad it like dt
+        xb, Bb, Cb = x[:, t0:t1], B[:, t0:t1], C[:, t0:t1]
+        if ragged:
+            tail = c * Q - (t1 - t0)
+            xb = F.pad(xb, (0, 0, 0, 0, 0, tail))
+            Bb, Cb = F.pad(Bb, (0, 0, 0, 0, 0, tail)), F.pad(Cb, (0, 0, 0, 0, 0, tail))
+        xb = xb.reshape(b, c, Q, h, p)
         Bb, Cb = Bb.reshape(b, c, Q, g, n), Cb.reshape(b, c, Q, g, n)
-        xdt = xb * dtb.unsqueeze(-1)  # (b, c, Q, h, p)
-        dA = (dtb * A).transpose(2, 3).contiguous()  # (b, c, h, Q)
+        dtb = dt_c[:, k0:k1]  # (b, c, Q, h)
+        # Decays inside each chunk, L[t, s] = exp(sum of dA over (s, t]). Row Q-1 is the
+        # decay from each step to the chunk's end, what step 2 needs.
+        L = torch.exp(_segsum_transposed(dA[:, k0:k1])).transpose(-1, -2)  # (b, c, h, Q, Q)
+        # dt x with heads before time, in one pass when nothing is recorded
+        xdt_h = (xb.transpose(2, 3), dtb.transpose(2, 3).unsqueeze(-1))  # (b, c, h, Q, p)
+        if recording:
+            xdt_h = torch.mul(*xdt_h).contiguous()
+        else:
+            xdt_h = torch.mul(*xdt_h, out=x.new_empty(b, c, h, Q, p))
 
-        # Decays inside each chunk. Row Q-1 of L is the decay from each step to the
-        # chunk's end (step 2); the cumulative sum from the chunk's start is step 4's.
-        L = torch.exp(_segsum_transposed(dA)).transpose(-1, -2)  # (b, c, h, Q, Q)
-        dA_cs = torch.cumsum(dA, dim=-1)  # (b, c, h, Q)
-
-        y_diag = diagonal_blocks(xdt, L, Bb, Cb)  # (b, c, h, Q, p)
-        states = chunk_state(xdt, L[..., -1, :].transpose(2, 3), Bb)  # (b, c, g, n, hg*p)
-        entering, S = state_passing(states, torch.exp(dA_cs[..., -1]), S)
-        y_off = state_to_output(entering, torch.exp(dA_cs).transpose(2, 3), Cb)  # (b,c,Q,h,p)
-
-        yb = (y_off + y_diag.transpose(2, 3)).reshape(b, c * Q, h, p)[:, : t1 - t0]
-        if D is not None:
-            yb = torch.addcmul(yb, x[:, t0:t1], D[:, None])
-        y[:, t0:t1] = yb
+        y_diag = diagonal_blocks(xdt_h, L, Bb, Cb)  # (b, c, h, Q, p)
+        states = chunk_state(xb, dtb * L[..., -1, :].transpose(2, 3), Bb)  # (b,c,g,n,hg*p)
+        entering, S = state_passing(states, chunk_decay[:, k0:k1], S)
+        decay = decay_from_start[:, k0:k1]
+        if recording or ragged:
+            yb = state_to_output(entering, decay, Cb, y_diag).reshape(b, c * Q, h, p)
+            yb = yb[:, : t1 - t0]
+            if D is not None:
+                yb = torch.addcmul(yb, x[:, t0:t1], D[:, None])
+            y[:, t0:t1] = yb
+        else:
+            state_to_output(entering, decay, Cb, y_diag, out=y[:, t0:t1].view(b, c, Q, h, p))
+            if D is not None:
+                y[:, t0:t1].addcmul_(x[:, t0:t1], D[:, None])
     if not return_final_state:
         return y
     final = S.view(b, g, n, hg, p).permute(0, 1, 3, 4, 2).reshape(b, h, p, n)

@@ -17,9 +17,13 @@ gradients) and `_chunk_scan_bwd_dbdc_kernel` (dB, dC). No atomics: partial sums 
 tiles go to their own buffers and are reduced in PyTorch, so gradients are deterministic.
 
 Numerics: every exponent is clamped to <= 0 before exp (the official kernels' NaN came
-from exp of slightly positive cumsum differences); all sums accumulate in float32
-whatever the input dtype; decays never cross a chunk boundary except through the
-(P, N) state, so long sequences cannot overflow. Offsets into the big tensors are int64.
+from exp of slightly positive cumsum differences), and the in-chunk exponents
+s_t - s_u and s_last - s_u are summed over their own segment (`_decay_matrix`), never
+taken as a difference of two cumulative sums, which loses ~3 digits in float32 when
+dt*A is large; the decay gradients are likewise sums over their own ranges. All sums
+accumulate in float32 whatever the input dtype; decays cross chunk boundaries only
+through the (P, N) state, so long sequences cannot overflow. Offsets into the big
+tensors are int64. Chunk sizes: powers of two up to 128 (one Q x Q tile on chip).
 
 Where it runs. Triton 3.7 reads TRITON_INTERPRET when `triton` is imported (its own
 `tl.cumsum`, `tl.sum` are built then), so one process is either all-compiled or
@@ -48,13 +52,10 @@ if (
     # Must happen before `import triton`: see the module docstring.
     os.environ["TRITON_INTERPRET"] = "1"
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
 
-from aotlib.ssd import check_ssd_inputs  # noqa: E402
-
-# True when the kernels below run under Triton's interpreter (CPU tensors, numpy).
-INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+from aotlib.ssd import check_ssd_inputs
 
 # Test hooks. NAN_FILL: allocate every kernel output filled with NaN, so an element a
 # kernel forgot to write fails loudly. MAX_BLOCK: cap on the P and N tile widths (tests
@@ -631,6 +632,13 @@ def _chunk_scan_bwd_dbdc_kernel(
     tl.store(dC_ptr + out, dc, mask=mask_qn)
 
 
+# True when the kernels above run under Triton's interpreter (numpy, on the CPU).
+INTERPRETED: bool = not isinstance(_chunk_cumsum_kernel, triton.runtime.JITFunction)
+# Triton's own tl.cumsum, tl.sum were built when triton was first imported; if that
+# happened before this module, in the other mode, no kernel can run (`ssd_triton` says so).
+_SAME_MODE_AS_TRITON: bool = type(tl.cumsum) is type(_chunk_cumsum_kernel)
+
+
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
@@ -831,7 +839,15 @@ class _SSDTriton(torch.autograd.Function):
 _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_backend(x: Tensor, chunk_size: int) -> None:
+def _check_backend(tensors: list[Tensor], chunk_size: int) -> None:
+    """Errors the shared input checks can't know about: chunk size, device, dtype, mode."""
+    x = tensors[0]
+    if not _SAME_MODE_AS_TRITON:
+        raise RuntimeError(
+            "triton was imported before aotlib.ssd_triton with a different TRITON_INTERPRET "
+            "setting; import aotlib.ssd_triton first, or set TRITON_INTERPRET=1 (CPU) / "
+            "unset it (CUDA) before anything imports triton"
+        )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if chunk_size & (chunk_size - 1) or chunk_size > MAX_CHUNK:
@@ -841,10 +857,11 @@ def _check_backend(x: Tensor, chunk_size: int) -> None:
             f"aotlib.ssd.ssd_chunked for any chunk size"
         )
     if INTERPRETED:
-        if x.dtype != torch.float32:
+        dtypes = {t.dtype for t in tensors}
+        if dtypes != {torch.float32}:
             raise ValueError(
                 f"the Triton interpreter (TRITON_INTERPRET=1) supports float32 only, got "
-                f"x.dtype={x.dtype}"
+                f"{sorted(map(str, dtypes))}"
             )
         return
     if not x.is_cuda:
@@ -853,10 +870,9 @@ def _check_backend(x: Tensor, chunk_size: int) -> None:
             f"TRITON_INTERPRET=1 (set before triton is imported) for the CPU interpreter, "
             f"or use aotlib.ssd.ssd_chunked"
         )
-    if x.dtype not in _GPU_DTYPES:
-        raise ValueError(f"x.dtype must be one of {_GPU_DTYPES}, got {x.dtype}")
-    if type(tl.cumsum) is not type(_chunk_cumsum_kernel):
-        raise RuntimeError("triton's language and these kernels disagree on TRITON_INTERPRET")
+    bad = {str(t.dtype) for t in tensors if t.dtype not in _GPU_DTYPES}
+    if bad:
+        raise ValueError(f"inputs must be float32, bfloat16 or float16, got {sorted(bad)}")
 
 
 def ssd_triton(
@@ -877,9 +893,10 @@ def ssd_triton(
     Returns y (b, l, h, p) in x's dtype, and the final state (b, h, p, n) if asked.
     """
     check_ssd_inputs(x, dt, A, B, C, chunk_size, D, initial_state)
-    _check_backend(x, chunk_size)
-    x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
-    if initial_state is not None:
-        initial_state = initial_state.contiguous()
-    y, final = _SSDTriton.apply(x, dt, A.contiguous(), B, C, D, initial_state, chunk_size)
+    given = [t for t in (x, dt, A, B, C, D, initial_state) if t is not None]
+    _check_backend(given, chunk_size)
+    x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
+    D = None if D is None else D.contiguous()
+    initial_state = None if initial_state is None else initial_state.contiguous()
+    y, final = _SSDTriton.apply(x, dt, A, B, C, D, initial_state, chunk_size)
     return (y, final) if return_final_state else y

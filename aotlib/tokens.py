@@ -162,8 +162,6 @@ class CharTokenizer:
     def __init__(self, alphabet: str):
         if not alphabet or len(set(alphabet)) != len(alphabet):
             raise ValueError(f"alphabet must be non-empty without repeats, got {alphabet!r}")
-        if BOS in alphabet:
-            raise ValueError(f"alphabet must not contain {BOS!r}")
         self.alphabet = alphabet
         self.bos_id = 0
         self.vocab_size = len(alphabet) + 1

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from aotlib.checkpoint import CorruptFile, load_checkpoint, save_checkpoint
 from aotlib.data import DataConfig, TokenData, build_data, orient
@@ -49,7 +49,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 100
-    eval_windows: int = 512  # windows used by periodic evaluations; the final one uses all
+    eval_windows: int = 512  # windows used by periodic evaluations
+    final_eval_windows: int | None = None  # the final evaluation (None: every window)
     checkpoint_every: int = 100
     seed: int = 0
 
@@ -241,7 +242,8 @@ def train(
         if step % max(1, cfg.eval_every // 10) == 0 or "val_loss" in record:
             history.append(record)  # a thinned curve keeps stored results small
         now = time.perf_counter()
-        bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{tokens_per_step * step / max(1e-9, elapsed + now - t0):.0f}", refresh=False)  # fmt: skip
+        tok_s = tokens_per_step * step / max(1e-9, elapsed + now - t0)
+        bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{tok_s:.0f}", refresh=False)
         bar.update(1)
         if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             save_checkpoint(
@@ -260,7 +262,7 @@ def train(
     bar.close()
     elapsed += time.perf_counter() - t0
 
-    per_token = evaluate(model, val_w, cfg.batch_size, device)  # (M, T)
+    per_token = evaluate(model, val_w[: cfg.final_eval_windows], cfg.batch_size, device)  # (M, T)
     return {
         "key": cfg.key(),
         "config": cfg.to_dict(),

@@ -97,7 +97,7 @@ def test_paper_preset_builds_its_pipeline_offline(monkeypatch, tmp_cache):
     assert spec == {"kind": "bpe", "name": "cc100-en", "vocab_size": 50257, "reversed_text": False}
     assert data.data_key(cfg) is not None  # keyed without any network
     monkeypatch.setitem(sys.modules, "datasets", None)  # offline: library unavailable
-    with pytest.raises(RuntimeError, match="pip install datasets"):
+    with pytest.raises(RuntimeError, match="cc100 corpus needs .*pip install"):
         build_data(cfg)
 
 
@@ -205,6 +205,10 @@ def test_bpe_reversed_is_the_mirror_tokenizer(text_file, tmp_cache):
     s = "Gamma of the sigma, omega.\nAlpha tau 123 é"
     assert tok.decode(tok.encode(s)) == s
     assert tok.encode(s) == tok.encode_batch([s])[0]
+    # Encoding document by document equals encoding the whole stream, in both tokenizers.
+    docs = [d + "\n" for d in corpus.local_text(text_file)]
+    for t in (fw.tokenizer, tok):
+        assert t.encode("".join(docs)) == [i for ids in t.encode_batch(docs) for i in ids]
     # Windows hold forward-order text either way; only the cut into tokens differs.
     text = "\n".join(corpus.local_text(text_file)) + "\n"
     assert tok.decode(bw.train[0, 1:].tolist()) in text

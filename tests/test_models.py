@@ -6,7 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aotlib.models import ARCHS, SIZES, ModelConfig, build_model, count_parameters, model_config
+from aotlib import gpt
+from aotlib.models import (
+    ARCHS,
+    SIZES,
+    Dropout,
+    ModelConfig,
+    build_model,
+    count_parameters,
+    fused_lm_loss,
+    linear_cross_entropy,
+    model_config,
+)
 
 VOCAB, CONTEXT = 50, 40
 
@@ -177,7 +188,10 @@ def test_overfits_a_tiny_batch(arch: str) -> None:
         (lambda: model_config("transformer", "s"), "arch must be one of"),
         (lambda: model_config("gpt", "huge"), "size for arch 'gpt' must be one of"),
         (lambda: model_config("gpt", "s", n_heads=2), "unknown ModelConfig field"),
-        (lambda: model_config("gpt", "s", n_head=3), r"d_model \(128\) must be divisible by n_head \(3\)"),  # fmt: skip
+        (
+            lambda: model_config("gpt", "s", n_head=3),
+            r"d_model \(128\) must be divisible by n_head \(3\)",
+        ),
         (lambda: model_config("mamba2", "s", head_dim=48), r"divisible by head_dim \(48\)"),
         (lambda: model_config("mamba2", "s", ngroups=3), r"divisible by ngroups \(3\)"),
         (lambda: model_config("lstm", "s", n_layer=0), "n_layer must be >= 1"),
@@ -203,3 +217,109 @@ def test_sizes_cover_every_arch_and_paper_names() -> None:
     assert set(SIZES) == set(ARCHS)
     assert {"nano", "micro", "mini", "small", "gpt1", "medium"} <= set(SIZES["gpt"])
     assert all("medium" in SIZES[a] for a in ARCHS)  # the "paper" scale's default size
+
+
+# --- LM head + loss in blocks (the CPU fast path) -----------------------------------
+
+
+@pytest.mark.parametrize("rows", [7, 32, 1000])
+def test_linear_cross_entropy_matches_full_logits(rows: int) -> None:
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(45, 16, generator=gen, requires_grad=True)
+    W = torch.randn(70, 16, generator=gen, requires_grad=True)
+    tgt = torch.randint(70, (45,), generator=gen)
+    ref = F.cross_entropy(h @ W.t(), tgt)
+    (2 * ref).backward()  # a non-unit upstream gradient must scale both grads
+    gh, gW = h.grad.clone(), W.grad.clone()
+    h.grad = W.grad = None
+    out = linear_cross_entropy(h, W, tgt, rows=rows)
+    (2 * out).backward()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h.grad, gh, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(W.grad, gW, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, W, tgt, rows=rows), ref)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_lm_loss_matches_logits_loss(arch: str) -> None:
+    model = built(tiny(arch, dropout=0.0))
+    windows = torch.randint(VOCAB, (3, 30))
+    logits = model(windows[:, :-1])
+    assert torch.equal(logits, model.lm_head(model.hidden_states(windows[:, :-1])))
+    ref = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    fused = fused_lm_loss(model, windows)
+    fused.backward()
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+    for p, g in zip(model.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_linear_cross_entropy_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match=r"h \(N, d\), W \(V, d\)"):
+        linear_cross_entropy(torch.zeros(4, 8), torch.zeros(10, 9), torch.zeros(4).long())
+
+
+# --- Dropout with four decisions per random draw ------------------------------------
+
+
+def test_dropout_keep_rate_scale_and_eval() -> None:
+    torch.manual_seed(0)
+    drop = Dropout(0.1)
+    x = torch.ones(1_000_001)  # odd size: the last 64-bit draw is only partly used
+    y = drop(x)
+    kept = (y != 0).float().mean().item()
+    # 1e6 Bernoulli(0.9) draws: standard error 3e-4, so 4 sigma is 1.2e-3.
+    assert abs(kept - 0.9) < 1.2e-3, kept
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.9))
+    # Each of the four 16-bit lanes of a draw is its own fair decision.
+    lanes = (y[:1_000_000] != 0).float().view(-1, 4).mean(0)
+    assert (lanes - 0.9).abs().max() < 2.5e-3, lanes
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_dropout_follows_the_torch_seed() -> None:
+    drop, x = Dropout(0.5), torch.ones(1000)
+    torch.manual_seed(5)
+    a, b = drop(x), drop(x)
+    torch.manual_seed(5)
+    assert torch.equal(drop(x), a) and not torch.equal(a, b)
+
+
+def test_compiled_dropouts_draw_independent_masks() -> None:
+    """Two same-sized dropouts in one compiled training graph must not share a mask."""
+    d1, d2 = Dropout(0.5), Dropout(0.5)
+    f = torch.compile(lambda x, y: (d1(x), d2(y)), backend="aot_eager")
+    x = torch.ones(4000, requires_grad=True)
+    y = torch.ones(4000, requires_grad=True)
+    a, b = f(x, y)
+    (a.sum() + b.sum()).backward()
+    assert not torch.equal(a == 0, b == 0)
+    assert torch.equal(x.grad == 0, a == 0)  # backward used the forward's mask
+
+
+def test_gpt_dropout_attention_path_is_sdpa_when_nothing_dropped(monkeypatch) -> None:
+    """Training-mode attention (materialised, for dropout) computes SDPA's function."""
+    model = built(tiny("gpt", dropout=0.3))
+    idx = torch.randint(VOCAB, (2, 37))
+    with torch.no_grad():
+        ref = model.eval()(idx)
+    calls = []
+
+    def keep_all(x: torch.Tensor, p: float) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return torch.ones_like(x, dtype=torch.bool)
+
+    monkeypatch.setattr(gpt, "dropout_keep_mask", keep_all)
+    for m in model.modules():
+        if isinstance(m, Dropout):
+            m.p = 0.0  # embedding and residual dropout off
+    for block in model.h:
+        block.attn.dropout = 1e-9  # the dropout path, with a scale 1 / (1 - p) of ~1
+    with torch.no_grad():
+        out = model.train()(idx)
+    assert calls == [(2, 2, 37, 37)] * len(model.h)  # (B, nh, T, T) per layer
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -33,7 +33,7 @@ from aotlib.ssd import (
 # float32 tolerance against the float64 scan, as a fraction of the output's largest entry.
 # Each output sums at most a few hundred float32 products of O(1) terms, and the measured
 # worst case on this grid is ~2e-7 (float32 eps is 1.2e-7); 2e-6 leaves 10x headroom for
-# other BLAS builds while still catching precision losses like an unstable segsum.
+# other BLAS builds, while a wrong or missing term shows up at 1e-2 or more.
 F32_RTOL = 2e-6
 
 
@@ -61,7 +61,7 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_segsum_matches_definition() -> None:
-    x = torch.randn(2, 3, 9, dtype=torch.float64)
+    x = torch.randn(2, 3, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     out = segsum(x)
     assert out.shape == (2, 3, 9, 9)
     for j in range(9):
@@ -77,7 +77,7 @@ def test_segsum_matches_definition() -> None:
 
 
 def test_segsum_transposed_matches_segsum() -> None:
-    x = torch.randn(4, 17, dtype=torch.float64)
+    x = torch.randn(4, 17, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     causal = torch.ones(17, 17, dtype=torch.bool).tril()
     got = _segsum_transposed(x).transpose(-1, -2)
     torch.testing.assert_close(got[..., causal], segsum(x)[..., causal])
@@ -148,15 +148,41 @@ def test_three_forms_agree_float32(shape) -> None:
         assert ey < F32_RTOL and eh < F32_RTOL, name
 
 
-def test_chunked_blocks_and_ragged_tail(monkeypatch) -> None:
+@pytest.mark.parametrize("record", [False, True], ids=["inference", "autograd"])
+def test_chunked_blocks_and_ragged_tail(monkeypatch, record: bool) -> None:
     # The chunked path works a block of chunks at a time; force many small blocks so
     # the state is carried across block boundaries and only the last block is padded.
+    # Without autograd it writes into y in place; with autograd it builds and copies.
     monkeypatch.setattr(ssd_mod, "_BLOCK_ELEMENTS", 1)
     inp = make_inputs(2, 203, 4, 3, 2, 5)
+    inp["x"].requires_grad_(record)
     out = run_all(inp, 16)
     for name in ("quadratic", "chunked"):
         assert max_err(out[name][0], out["scan"][0]) < 1e-10
         assert max_err(out[name][1], out["scan"][1]) < 1e-10
+
+
+def test_non_contiguous_inputs() -> None:
+    # In the Mamba-2 block x, B, C and dt are slices of one projection: strided views.
+    inp = make_inputs(2, 50, 4, 3, 2, 5)
+    big = {k: torch.cat([v, v], dim=-1)[..., : v.shape[-1]] for k, v in inp.items() if k != "A"}
+    big["initial_state"] = inp["initial_state"].transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not any(big[k].is_contiguous() for k in ("x", "dt", "B", "C", "initial_state"))
+    ref = run_all(inp, 16)["scan"]
+    for name, (y, h) in run_all({**big, "A": inp["A"]}, 16).items():
+        assert max_err(y, ref[0]) < 1e-10 and max_err(h, ref[1]) < 1e-10, name
+
+
+def test_mixed_dtypes() -> None:
+    # A float32 parameter A (as in the Mamba-2 block) with float64 activations, and the
+    # reverse: every form runs and returns y in x's dtype.
+    inp = make_inputs(1, 40, 2, 3, 1, 4)
+    ref = run_all(inp, 16)["scan"][0]
+    for x_dtype, a_dtype in [(torch.float64, torch.float32), (torch.float32, torch.float64)]:
+        mixed = {**inp, "x": inp["x"].to(x_dtype), "A": inp["A"].to(a_dtype)}
+        for name, (y, _) in run_all(mixed, 16).items():
+            assert y.dtype == x_dtype, name
+            assert max_err(y, ref) < 1e-5 * ref.abs().max().item(), name
 
 
 def test_chunked_writes_every_output() -> None:

@@ -20,9 +20,7 @@ from aotlib.train import TrainConfig, lr_at, train
 
 ROOT = Path(__file__).resolve().parent.parent
 # A tiny synthetic corpus: no download, a few seconds per run.
-DATA = DataConfig(
-    corpus="primes", options=(("digits", 2), ("n_train", 240), ("n_val", 40))
-)
+DATA = DataConfig(corpus="primes", options=(("digits", 2), ("n_train", 240), ("n_val", 40)))
 
 
 def tiny(**over) -> TrainConfig:

@@ -29,7 +29,7 @@ def run(notebook: Path, scale: str, out_dir: Path, figures: Path | None, fresh: 
         env = {"AOTLIB_FIGURES": staging, "AOTLIB_FRESH": "1" if fresh else "0"}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
-        tmp_out = out_dir / f".{notebook.name}.tmp"
+        tmp_out = out_dir / f".tmp-{notebook.name}"
         try:
             papermill.execute_notebook(
                 str(notebook),

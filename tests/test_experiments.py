@@ -1,0 +1,115 @@
+"""Presets, grids, the result store and the command line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import aotlib.results as results_mod
+from aotlib.__main__ import main
+from aotlib.experiments import GRIDS, both_directions, lm_config, synthetic_config
+from aotlib.models import build_model, count_parameters
+from aotlib.results import arrow_table, get_result, result_path
+from aotlib.train import TrainConfig
+
+
+@pytest.fixture()
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("AOTLIB_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("AOTLIB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(results_mod, "_refreshed", set())
+    return tmp_path
+
+
+def counting_train(calls: list):
+    return lambda cfg, run_dir, progress: calls.append(cfg) or fake_result(cfg)
+
+
+def fake_result(cfg: TrainConfig, loss: float = 2.0) -> dict:
+    return {"key": cfg.key(), "config": cfg.to_dict(), "final_val_loss": loss,
+            "val_window_losses": [loss, loss + 0.1], "val_position_losses": [loss],
+            "history": [], "n_params": 1, "n_params_non_embedding": 1}  # fmt: skip
+
+
+def test_paper_preset_builds_the_papers_model_and_pipeline() -> None:
+    cfg = lm_config("paper", lang="en")
+    assert cfg.data.corpus == "cc100" and cfg.data.vocab_size == 50257
+    assert cfg.data.context == 256 and cfg.lr == 1e-4
+    m = cfg.model
+    assert (m.arch, m.n_layer, m.d_model, m.n_head) == ("gpt", 24, 1024, 16)
+    with torch.device("meta"):  # no memory: just the architecture
+        model = build_model(replace(m, vocab_size=50257, context=256))
+    total = count_parameters(model, non_embedding=False) + 50257 * 1024  # + untied head
+    assert 390e6 < total < 420e6  # the paper's GPT-2 medium: about 405M
+
+
+def test_every_grid_pairs_forward_with_backward() -> None:
+    for name, grid in GRIDS.items():
+        for scale in ("smoke", "cpu", "paper"):
+            runs = grid(scale)
+            assert len(runs) % 2 == 0 and runs, (name, scale)
+            for fw, bw in zip(runs[::2], runs[1::2]):
+                assert (fw.direction, bw.direction) == ("forward", "backward")
+                assert replace(fw, direction="backward") == bw
+            assert len({r.key() for r in runs}) == len(runs), f"duplicate runs in {name}"
+
+
+def test_config_round_trips_through_json() -> None:
+    for cfg in (lm_config("cpu"), synthetic_config("cpu", "primes")):
+        back = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+        assert back == cfg and back.key() == cfg.key()
+
+
+def test_result_store_trains_once_then_loads(store: Path, monkeypatch) -> None:
+    cfg = synthetic_config("smoke", "primes")
+    calls = []
+    monkeypatch.setattr(results_mod, "train", counting_train(calls))
+    first = get_result(cfg, "smoke")
+    second = get_result(cfg, "smoke")
+    assert len(calls) == 1 and first == second
+    get_result(replace(cfg, seed=1), "smoke")  # a changed config trains anew
+    assert len(calls) == 2
+
+
+def test_damaged_result_is_retrained(store: Path, monkeypatch) -> None:
+    cfg = synthetic_config("smoke", "primes")
+    calls = []
+    monkeypatch.setattr(results_mod, "train", counting_train(calls))
+    get_result(cfg, "smoke")
+    path = result_path(cfg, "smoke")
+    path.write_text(path.read_text().replace('"final_val_loss": 2.0', '"final_val_loss": 1.0'))
+    assert get_result(cfg, "smoke")["final_val_loss"] == 2.0
+    assert len(calls) == 2
+
+
+def test_fresh_retrains_each_config_once(store: Path, monkeypatch) -> None:
+    cfg = synthetic_config("smoke", "primes")
+    calls = []
+    monkeypatch.setattr(results_mod, "train", counting_train(calls))
+    get_result(cfg, "smoke")
+    monkeypatch.setenv("AOTLIB_FRESH", "1")
+    get_result(cfg, "smoke")
+    get_result(cfg, "smoke")
+    assert len(calls) == 2
+
+
+def test_arrow_table_rejects_unpaired_runs() -> None:
+    fw, bw = both_directions(synthetic_config("smoke", "primes"))
+    table = arrow_table([fw, bw], [fake_result(fw, 2.0), fake_result(bw, 2.2)])
+    assert table.delta.iloc[0] == pytest.approx(0.2 / 2.15)  # from the window means
+    with pytest.raises(ValueError, match="pair"):
+        arrow_table([fw, replace(bw, seed=3)], [fake_result(fw), fake_result(bw)])
+
+
+def test_cli_arrow_prints_delta_with_interval(store: Path, monkeypatch, capsys) -> None:
+    def fake_train(cfg, run_dir, progress):
+        return fake_result(cfg, 2.0 if cfg.direction == "forward" else 2.1)
+
+    monkeypatch.setattr(results_mod, "train", fake_train)
+    assert main(["arrow", "--scale", "smoke", "--lang", "fr", "--seeds", "0", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "delta +4.76%" in out and "95% CI" in out and "across 2 seeds" in out
