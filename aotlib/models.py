@@ -208,10 +208,13 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 def _unwrap(model: nn.Module) -> nn.Module:
     # DDP keeps the model in .module, torch.compile in ._orig_mod.
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
+        for name in ("module", "_orig_mod"):
+            inner = getattr(model, name, None)
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+        else:
             return model
-        model = inner
 
 
 def count_parameters(model: nn.Module, non_embedding: bool = True) -> int:

@@ -109,9 +109,18 @@ def arrow_table(runs: list[TrainConfig], results: list[dict[str, Any]]) -> pd.Da
         if replace(fw_cfg, direction="backward") != bw_cfg:
             raise ValueError(f"runs {i} and {i + 1} are not a forward/backward pair")
         m, d = fw_cfg.model, fw_cfg.data
-        row = {"arch": m.arch, "n_layer": m.n_layer, "d_model": m.d_model, "lang": d.lang, "tokenizer": d.tokenizer, "context": d.context,
-               "seed": fw_cfg.seed, "steps": fw_cfg.steps, "n_params": results[i]["n_params"],
-               "n_params_non_embedding": results[i]["n_params_non_embedding"]}  # fmt: skip
+        row = {
+            "arch": m.arch,
+            "n_layer": m.n_layer,
+            "d_model": m.d_model,
+            "lang": d.lang,
+            "tokenizer": d.tokenizer,
+            "context": d.context,
+            "seed": fw_cfg.seed,
+            "steps": fw_cfg.steps,
+            "n_params": results[i]["n_params"],
+            "n_params_non_embedding": results[i]["n_params_non_embedding"],
+        }
         row.update(dict(d.options))
         row.update(arrow_from_results(results[i], results[i + 1]))
         rows.append(row)

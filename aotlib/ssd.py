@@ -162,10 +162,11 @@ def segsum(x: Tensor) -> Tensor:
 def _segsum_transposed(x: Tensor) -> Tensor:
     """segsum(x) transposed, (..., T) -> (..., T, T) with out[..., i, j] = sum_{i<k<=j} x_k.
 
-    0 (not -inf) where j <= i. The same masked sums as `segsum`, computed as one matmul with
+    0 (not -inf) where j < i. The same masked sums as `segsum`, computed as one matmul with
     a triangular 0/1 matrix: still each entry sums only its own segment (no cancellation),
-    and on CPU a GEMM is several times faster than cumsum over a (T, T) tensor. The
-    transposed layout is what the chunked path's matmuls want. Meant for short T (chunks).
+    and on CPU the GEMM is about twice as fast as cumsum down a (T, T) tensor. The
+    transposed layout is what the chunked path's matmuls want. Meant for short T (chunks):
+    the work is T^3 per row of x.
     """
     T = x.shape[-1]
     ones = torch.ones(T, T, dtype=x.dtype, device=x.device)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from aotlib.checkpoint import CorruptFile, load_checkpoint, save_checkpoint
 from aotlib.data import DataConfig, TokenData, build_data, orient
-from aotlib.models import ModelConfig, build_model, count_parameters
+from aotlib.models import ModelConfig, build_model, count_parameters, fused_lm_loss
 from aotlib.paths import ROOT
 
 DIRECTIONS = ("forward", "backward")
@@ -186,9 +186,14 @@ def train(
 
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg).to(device)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
-    )
+    # Weight decay on matrices only; biases, norms and SSM parameters (A_log, D, dt_bias,
+    # marked `_no_weight_decay`) are not decayed, as in nanoGPT and the official Mamba.
+    params = list(model.parameters())
+    no_decay = [p for p in params if p.dim() < 2 or getattr(p, "_no_weight_decay", False)]
+    decay = [p for p in params if not any(p is q for q in no_decay)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     step, history, elapsed = 0, [], 0.0
     if ckpt_path.exists():
         try:
@@ -226,7 +231,9 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         with _autocast(device):
-            loss = lm_loss(ddp_model, batch)
+            # One process: the LM head and the loss run fused in blocks (same values,
+            # several times faster on CPU). DDP needs the wrapped forward for its hooks.
+            loss = fused_lm_loss(model, batch) if world == 1 else lm_loss(ddp_model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
