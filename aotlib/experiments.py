@@ -87,7 +87,7 @@ def both_directions(cfg: TrainConfig) -> tuple[TrainConfig, TrainConfig]:
 SYNTH_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(size="xs", steps=40, batch_size=16, eval_every=10, lr=2e-3, warmup=5,
                   digits=2, n_primes=(200, 40), n_lines=(2000, 200)),
-    "cpu": dict(size="s", steps=4000, batch_size=128, eval_every=200, lr=2e-3, warmup=100,
+    "cpu": dict(size="s", steps=2000, batch_size=128, eval_every=100, lr=2e-3, warmup=100,
                 digits=3, n_primes=(12_000, 2_000), n_lines=(100_000, 2_000)),
     "paper": dict(size="small", steps=50_000, batch_size=256, eval_every=1000, lr=1e-4,
                   warmup=1000, digits=5, n_primes=(1_000_000, 10_000), n_lines=(1_000_000, 10_000)),

@@ -138,17 +138,18 @@ def _maybe_init_distributed(device: torch.device) -> None:
         torch.distributed.init_process_group(backend)
 
 
-def _provenance(device: torch.device) -> dict[str, Any]:
+def _git(*args: str) -> str:
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = ""
+        return ""
+
+
+def _provenance(device: torch.device) -> dict[str, Any]:
+    commit = _git("rev-parse", "--short", "HEAD")
+    if commit and _git("status", "--porcelain", "--", "aotlib"):
+        commit += "+uncommitted"  # the library differed from the commit when training began
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     return {
         "code_version": commit or "unknown",
@@ -211,6 +212,7 @@ def train(
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model)
 
+    provenance = _provenance(device)  # the code as it is when (re)training starts
     kill_at = int(os.environ.get("AOTLIB_KILL_AT_STEP", "-1"))  # for the resume test
     eval_sub = val_w[: cfg.eval_windows]
     bar = tqdm(
@@ -281,5 +283,5 @@ def train(
         "n_params_non_embedding": count_parameters(model, non_embedding=True),
         "train_tokens": tokens_per_step * cfg.steps,
         "train_seconds": elapsed,
-        "provenance": _provenance(device),
+        "provenance": provenance,
     }
