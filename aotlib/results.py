@@ -60,7 +60,7 @@ def get_result(
             return stored
     if not train_missing:
         raise FileNotFoundError(f"no stored result for {result_path(cfg, scale).name}")
-    run_dir = cache_dir() / "runs" / key
+    run_dir = cache_dir() / "runs" / scale / key
     if fresh() and key not in _refreshed:
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     result = _rounded(train(cfg, run_dir, progress=progress))
