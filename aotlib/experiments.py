@@ -24,7 +24,7 @@ LM_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(size="xs", vocab_size=512, context=32, steps=30, batch_size=8,
                   max_train_tokens=20_000, eval_every=10, lr=2e-3, warmup=5,
                   eval_windows=64, final_eval_windows=256, dropout=0.0),
-    "cpu": dict(size="s", vocab_size=4096, context=128, steps=300, batch_size=32,
+    "cpu": dict(size="s", vocab_size=4096, context=128, steps=1000, batch_size=32,
                 max_train_tokens=None, eval_every=50, lr=2e-3, warmup=50,
                 eval_windows=128, final_eval_windows=None, dropout=0.0),
     "paper": dict(size="medium", vocab_size=50257, context=256, steps=100_000, batch_size=64,
@@ -138,7 +138,7 @@ def synthetic_config(
 # Each notebook's runs, defined once: the notebook reads them, `python -m aotlib grid`
 # trains what is missing (two shards use both cores).
 
-LANGUAGES = {"smoke": ["fr", "en"], "cpu": ["en", "fr", "de", "tr"], "paper": ["en", "fr", "de"]}
+LANGUAGES = {"smoke": ["fr", "en"], "cpu": ["fr", "en", "de", "tr"], "paper": ["en", "fr", "de"]}
 SEEDS = {"smoke": [0], "cpu": [0, 1], "paper": [0]}
 SIZES_FOR_ARCH = {
     "smoke": {"gpt": ["xs"], "lstm": ["xs"]},
@@ -146,7 +146,7 @@ SIZES_FOR_ARCH = {
     "paper": {"gpt": ["nano", "small", "medium"], "lstm": ["small", "medium", "large"]},
 }
 CONTEXTS = {"smoke": [16, 32], "cpu": [16, 32, 64, 128, 256, 512], "paper": [16, 64, 256, 512]}
-LINEAR_KS = {"smoke": [0, 6], "cpu": [0, 4, 16, 50], "paper": [0, 2, 4, 8, 16, 32, 50]}
+LINEAR_KS = {"smoke": [0, 6], "cpu": [0, 4, 16, 40], "paper": [0, 2, 4, 8, 16, 32, 50]}
 
 
 def languages_grid(scale: str) -> list[TrainConfig]:
@@ -191,17 +191,22 @@ def primes_grid(scale: str) -> list[TrainConfig]:
 
 
 def linear_grid(scale: str) -> list[TrainConfig]:
-    """Notebook 07: one 20x20 k=6 language (curves), then 25x25 languages across k.
+    """Notebook 07: one 20x20 k=6 language (curves), then smaller languages across k.
 
-    At the cpu scale the runs are short (a 2-layer d=64 GPT learned nothing in 2000
-    steps of 64 lines: both directions stayed at the marginal 2n ln2 / (2n+7)), so they
-    use the 4-layer d=128 GPT of the primes runs and fewer values of k.
+    At the cpu scale a 2-layer d=64 GPT learned nothing in 2000 steps of 64 lines (both
+    directions stayed at the marginal 2n ln2 / (2n+7)), so the runs use the 4-layer
+    d=128 GPT of the primes runs; the sweep over k uses 16x16 matrices and 64 lines per
+    step to fit a CPU budget (the paper: 25x25).
     """
     curve_steps = {"smoke": 40, "cpu": 1500, "paper": 20_000}[scale]
     runs = list(both_directions(synthetic_config(scale, "linear", steps=curve_steps)))
-    steps = {"smoke": 40, "cpu": 1000, "paper": 20_000}[scale]
+    n = {"smoke": 25, "cpu": 16, "paper": 25}[scale]
+    steps = {"smoke": 40, "cpu": 800, "paper": 20_000}[scale]
+    batch = {"smoke": None, "cpu": 64, "paper": None}[scale]
     for k in LINEAR_KS[scale]:
-        runs += both_directions(synthetic_config(scale, "linear", n=25, k=k, steps=steps))
+        runs += both_directions(
+            synthetic_config(scale, "linear", n=n, k=k, steps=steps, batch_size=batch)
+        )
     return runs
 
 

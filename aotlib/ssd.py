@@ -29,6 +29,7 @@ i // (h // g)), D (h,), states (b, h, p, n).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -159,21 +160,6 @@ def segsum(x: Tensor) -> Tensor:
     return out + torch.full_like(ones, float("-inf")).triu(1)
 
 
-def _segsum_transposed(x: Tensor) -> Tensor:
-    """segsum(x) transposed, (..., T) -> (..., T, T) with out[..., i, j] = sum_{i<k<=j} x_k.
-
-    0 (not -inf) where j < i. The same masked sums as `segsum`, computed as one matmul with
-    a triangular 0/1 matrix: still each entry sums only its own segment (no cancellation),
-    and on CPU the GEMM is about twice as fast as cumsum down a (T, T) tensor. The
-    transposed layout is what the chunked path's matmuls want. Meant for short T (chunks):
-    the work is T^3 per row of x.
-    """
-    T = x.shape[-1]
-    ones = torch.ones(T, T, dtype=x.dtype, device=x.device)
-    z = x.unsqueeze(-2) * ones.triu(1)  # (..., i, k) = x_k [k > i]
-    return z @ ones.triu(0)  # (..., i, j) = sum_k z[i, k] [k <= j]
-
-
 def _decay_matrix(dt: Tensor, A: Tensor) -> Tensor:
     """L = exp(segsum(dt A)): (b, l, h) -> (b, h, l, l)."""
     return torch.exp(segsum((dt * A).transpose(1, 2)))
@@ -281,93 +267,231 @@ def ssd_quadratic(
 # ---------------------------------------------------------------------------
 # Form 3: the chunked algorithm (the paper's 4 steps)
 #
-# Layout: time is split as l = c * Q, and heads as h = g * hg (hg heads per group), so
-# the matmuls that share B or C across a group's heads see all hg heads as one matrix
-# of width hg * p. Every decay is a sum of dt * A <= 0 over a stretch inside one chunk,
-# so every exp below is <= 1 and nothing can overflow, however long the sequence.
+# Time is split into c chunks of Q steps, and heads into g groups of hg = h // g, so the
+# matmuls that share B or C across a group's heads see all hg heads as one matrix of
+# width hg * p. Every decay is an exp of a sum of dt * A <= 0 taken over its own stretch of
+# steps (a cumsum from the stretch's start, or a masked sum), never a difference of two
+# longer sums: nothing overflows or cancels, however long the sequence.
+#
+# Inside a chunk the decay matrix L is itself semiseparable. Split the chunk into nI
+# sub-chunks of R steps; for t in sub-chunk I and s in an earlier sub-chunk J,
+#     L[t, s] = (decay from I's start through t) (decay over sub-chunks J+1 .. I-1)
+#               (decay from s to J's end),
+# so L off its diagonal (R x R) blocks is one small matmul U @ V of inner size nI, and only
+# the diagonal blocks need segment sums. Building L then costs about one pass over it,
+# instead of a (Q x Q) segment-sum matmul and an exp of every entry.
 # ---------------------------------------------------------------------------
 
 
-def diagonal_blocks(xdt_h: Tensor, L: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    """Step 1: outputs from inputs in the same chunk, Y_diag = (L o C B^T) (dt x).
+def _sub_chunk_length(Q: int) -> int:
+    """R: the largest divisor of Q up to 2 sqrt(Q) (16 for Q = 64), which keeps both the
+    rank-nI part (nI = Q / R) and the diagonal blocks (Q R entries) small."""
+    return max(r for r in range(1, 2 * math.isqrt(Q) + 1) if Q % r == 0)
 
-    xdt_h (b, c, h, Q, p) = dt x with heads before time (the batched matmul's layout);
-    L (b, c, h, Q, Q) = exp(segsum(dt A)) per chunk; B, C (b, c, Q, g, n).
-    Returns (b, c, h, Q, p): the quadratic form on each diagonal block, as if every chunk
-    started from a zero state.
+
+class ChunkDecays(NamedTuple):
+    """What the chunked path needs from dt and A alone: (b, c, h, ...), small next to x.
+
+    dt (..., Q); dA = dt A (..., Q), each <= 0; from_start (b, c, Q, h): decay from the
+    chunk's start through step t (step 4, time before heads as in y); whole (b, c, h):
+    decay over the whole chunk (step 3).
+    With the chunk cut into nI sub-chunks of R steps: into (..., nI, R): decay from the
+    sub-chunk's start through t; out_dt (..., nI, R): dt_s times the decay from s to the
+    sub-chunk's end; between (..., nI, nI): decay over the whole sub-chunks strictly
+    between J and I, 0 unless J < I (see `decay_matrix`).
     """
-    b, c, h, Q, p = xdt_h.shape
-    g = B.shape[3]
-    # C B^T computed as (B C^T)^T, so that like L (from `_segsum_transposed`) it is stored
-    # transposed: M then is too, and the last matmul reads it with a transpose flag.
-    CB = (B.transpose(2, 3) @ C.permute(0, 1, 3, 4, 2)).transpose(-1, -2)  # (b, c, g, Q, Q)
-    causal = torch.ones(Q, Q, dtype=L.dtype, device=L.device).tril()
-    M = L.view(b, c, g, h // g, Q, Q) * (CB * causal).unsqueeze(3)  # (b, c, g, hg, Q, Q)
-    return M.view(b, c, h, Q, Q) @ xdt_h  # (b, c, h, Q, p)
+
+    dt: Tensor
+    dA: Tensor
+    from_start: Tensor
+    whole: Tensor
+    into: Tensor
+    out_dt: Tensor
+    between: Tensor
+
+    def block(self, i: int, k0: int, k1: int) -> ChunkDecays:
+        """Batch element i, chunks k0 .. k1 - 1 (views)."""
+        return ChunkDecays(*(t[i, k0:k1] for t in self))
 
 
-def chunk_state(x: Tensor, weight: Tensor, B: Tensor) -> Tensor:
+def chunk_decays(dt: Tensor, A: Tensor, R: int) -> ChunkDecays:
+    """dt (b, c, Q, h) cut into chunks, A (h,) -> `ChunkDecays` with sub-chunks of R steps."""
+    b, c, Q, h = dt.shape
+    nI = Q // R
+    dt = dt.permute(0, 1, 3, 2).contiguous()  # (b, c, h, Q)
+    dA = dt * A[:, None]  # (b, c, h, Q)
+    from_start = torch.exp(torch.cumsum(dA, dim=-1)).transpose(-1, -2).contiguous()
+    dA_sub = dA.view(b, c, h, nI, R)
+    into = torch.cumsum(dA_sub, dim=-1)  # over sub-chunk start .. t
+    # over (s, sub-chunk end]: a cumsum backwards over the steps after s, so the step s
+    # itself is never added and subtracted again
+    after = torch.cumsum(F.pad(dA_sub[..., 1:], (0, 1)).flip(-1), dim=-1).flip(-1)
+    # over whole sub-chunks J+1 .. I-1: segsum over sub-chunks (J+1 .. I), moved down a row
+    between = torch.exp(segsum(into[..., -1]))  # (b, c, h, nI, nI), 0 where J > I
+    between = F.pad(between, (0, 0, 1, 0))[..., :nI, :]  # 0 where J >= I
+    out_dt = torch.exp(after) * dt.view(b, c, h, nI, R)
+    whole = from_start[:, :, -1]  # (b, c, h)
+    return ChunkDecays(dt, dA, from_start, whole, torch.exp(into), out_dt, between)
+
+
+def _sub_chunk_segsum(dA: Tensor, R: int, work: Tensor | None = None) -> Tensor:
+    """Segment sums inside each sub-chunk of R steps: (..., Q) -> (..., Q/R, R, R).
+
+    out[..., t, s] = dA_{s+1} + ... + dA_t for s <= t, 0 above the diagonal. One matmul
+    of dA_k [k <= t] with the 0/1 matrix [k > s], so each entry sums exactly its own
+    segment (no cancellation). `work` (..., Q/R, R, R) takes the masked dA.
+    """
+    *lead, Q = dA.shape
+    ones = torch.ones(R, R, dtype=dA.dtype, device=dA.device)
+    z = torch.mul(dA.view(*lead, Q // R, 1, R), ones.tril(), out=work)  # (..., t, k)
+    return z @ ones.tril(-1)
+
+
+def decay_matrix(
+    dec: ChunkDecays, out: Tensor | None = None, work: tuple[Tensor, ...] | None = None
+) -> Tensor:
+    """L diag(dt) for each chunk and head, (..., h, Q, Q): dt_s exp(dA_{s+1} + ... + dA_t)
+    at [t, s], s <= t. Above the diagonal it is 0 except inside the diagonal (R x R)
+    blocks, which hold dt_s there: `diagonal_blocks` masks with the causal C B^T anyway,
+    and masking this (h times larger) matrix as well would cost a pass over it.
+
+    For t in sub-chunk I and s in an earlier sub-chunk J the entry factors as
+    into_t between_IJ out_dt_s, so all of L but the diagonal blocks is U @ V with
+    U[t, J] = into_t between_{I(t) J} and V[J, s] = out_dt_s [s in J]: a matmul of inner
+    size nI. The diagonal blocks (0 in U @ V) are then written from segment sums.
+    `out` (..., h, Q, Q) and `work` (three buffers: U, V with zeros off its block
+    diagonal, and one like the diagonal blocks) keep the fast path free of allocations.
+    """
+    *lead, nI, R = dec.into.shape
+    if work is None:
+        U = dec.into.unsqueeze(-1) * dec.between.unsqueeze(-2)  # (..., I, t, J)
+        eye = torch.eye(nI, dtype=dec.dt.dtype, device=dec.dt.device)
+        V = dec.out_dt.unsqueeze(-3) * eye[:, :, None]  # (..., J, J, s)
+        work_blocks = None
+    else:
+        U, V, work_blocks = work
+        torch.mul(dec.into.unsqueeze(-1), dec.between.unsqueeze(-2), out=U)
+        V.diagonal(dim1=-3, dim2=-2).copy_(dec.out_dt.transpose(-1, -2))
+    Q = nI * R
+    L = _matmul(U.view(*lead, Q, nI), V.view(*lead, nI, Q), out)  # (..., Q, Q)
+    blocks = L.view(*lead, nI, R, nI, R).diagonal(dim1=-4, dim2=-2)  # (..., R, R, nI)
+    blocks = blocks.movedim(-1, -3)  # (..., nI, R, R)
+    inner = torch.exp_(_sub_chunk_segsum(dec.dA, R, work_blocks))  # (..., nI, R, R)
+    dt = dec.dt.view(*lead, nI, 1, R)  # on column s
+    if out is None:
+        blocks.copy_(inner * dt)  # autograd follows a copy into a view
+    else:
+        torch.mul(inner, dt, out=blocks)
+    return L
+
+
+def _matmul(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """a @ b; with `out` (contiguous) as one batched matmul written straight into it."""
+    if out is None:
+        return a @ b
+    torch.bmm(
+        a.reshape(-1, *a.shape[-2:]),
+        b.reshape(-1, *b.shape[-2:]),
+        out=out.view(-1, *out.shape[-2:]),
+    )
+    return out
+
+
+def diagonal_blocks(
+    x_h: Tensor, L: Tensor, CB: Tensor, D: Tensor | None = None, out: Tensor | None = None
+) -> Tensor:
+    """Step 1: outputs from inputs in the same chunk, Y_diag = (L o C B^T) X (+ D X).
+
+    x_h (..., h, Q, p): x with heads before time (the batched matmul's layout); L
+    (..., h, Q, Q) from `decay_matrix` (dt included); CB (..., g, Q, Q) = C B^T per group;
+    D (h,): the skip connection, added on M's diagonal. Returns (..., h, Q, p), as if every
+    chunk started from a zero state. The causal mask goes on C B^T (h / g times smaller
+    than L). With `out`, M = L o C B^T overwrites L and the mask CB (no temporaries).
+    """
+    *lead, h, Q, _ = L.shape
+    g = CB.shape[-3]
+    CB = CB.tril_() if out is not None else CB.tril()  # the causal mask
+    M = L.view(*lead, g, h // g, Q, Q)
+    M = torch.mul(M, CB.unsqueeze(-3), out=None if out is None else M).view(L.shape)
+    if D is not None:
+        M.diagonal(dim1=-2, dim2=-1).add_(D[:, None])
+    return _matmul(M, x_h, out)
+
+
+def chunk_state(
+    x: Tensor, weight: Tensor, B_t: Tensor, out: Tensor | None = None, work: Tensor | None = None
+) -> Tensor:
     """Step 2: each chunk's final state from its own inputs (zero state coming in).
 
-    state_c = sum_s weight_s x_s B_s^T over the chunk's steps s, where weight (b, c, Q, h)
-    is dt_s times the decay from step s to the chunk's last step; x (b, c, Q, h, p),
-    B (b, c, Q, g, n). Returns (b, c, g, n, hg*p): the state transposed, all heads of a
-    group side by side.
+    state = sum_s weight_s x_s B_s^T over the chunk's steps s, with weight (..., Q, h) =
+    dt_s times the decay from s to the chunk's end (row Q-1 of `decay_matrix`); x
+    (..., Q, h, p), B_t (..., g, n, Q). Returns (..., g, n, hg*p): the state transposed, all
+    heads of a group side by side. `work` (shaped like x) takes the weighted x.
     """
-    b, c, Q, h, p = x.shape
-    g = B.shape[3]
-    u = x * weight.unsqueeze(-1)  # (b, c, Q, h, p)
-    u = u.view(b, c, Q, g, (h // g) * p).transpose(2, 3)  # (b, c, g, Q, hg*p)
-    return B.permute(0, 1, 3, 4, 2) @ u  # (b, c, g, n, hg*p)
+    *lead, Q, h, p = x.shape
+    g = B_t.shape[-3]
+    u = torch.mul(x, weight.unsqueeze(-1), out=work)  # (..., Q, h, p)
+    u = u.reshape(*lead, Q, g, (h // g) * p).transpose(-3, -2)  # (..., g, Q, hg*p)
+    return _matmul(B_t, u, out)
 
 
 def state_passing(
-    states: Tensor, chunk_decay: Tensor, initial_state: Tensor
+    states: Tensor, chunk_decay: Tensor, initial_state: Tensor, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Step 3: carry the state across chunks, S_{c+1} = chunk_decay_c S_c + states_c.
+    """Step 3: carry the state across chunks, S_{k+1} = chunk_decay_k S_k + states_k.
 
-    states (b, c, g, n, hg*p) from `chunk_state`, chunk_decay (b, c, h) the decay over
-    each whole chunk, initial_state (b, g, n, hg*p). A loop over chunks, linear in c (the
-    paper's c x c segsum over chunks would be quadratic in length), one fused
-    multiply-add per chunk. Returns the states entering each chunk (b, c, g, n, hg*p) and
-    the state after the last one (b, g, n, hg*p).
+    states (..., c, g, n, hg*p) from `chunk_state`, chunk_decay (..., c, h) the decay over
+    each whole chunk, initial_state (..., g, n, hg*p). A loop over chunks, linear in c
+    (the paper's c x c segsum over chunks would be quadratic in length), one fused
+    multiply-add per chunk. Returns the states entering each chunk (..., c, g, n, hg*p)
+    and the state after the last one (..., g, n, hg*p). With `out` (..., c+1, g, n, hg*p),
+    slot k gets the state entering chunk k and slot c the last; `states` may be out's
+    slots 1..c, updated in place.
     """
-    b, c, g, n, hgp = states.shape
+    *lead, c, g, n, hgp = states.shape
     hg = chunk_decay.shape[-1] // g
-    decays = chunk_decay.view(b, c, g, 1, hg, 1).unbind(1)  # broadcast over (n, p)
-    S = initial_state.reshape(b, g, n, hg, hgp // hg)
-    entering = []
-    for s, a in zip(states.view(b, c, g, n, hg, -1).unbind(1), decays):
-        entering.append(S)
-        S = torch.addcmul(s, a, S)
-    return torch.stack(entering, dim=1).view(b, c, g, n, hgp), S.view(b, g, n, hgp)
+    decays = chunk_decay.reshape(*lead, c, g, 1, hg, 1).unbind(-5)  # broadcast over (n, p)
+    chunks = states.view(*lead, c, g, n, hg, hgp // hg).unbind(-5)
+    if out is None:
+        S = initial_state.reshape(*lead, g, n, hg, hgp // hg)
+        entering = []
+        for s, a in zip(chunks, decays):
+            entering.append(S)
+            S = torch.addcmul(s, a, S)
+        return torch.stack(entering, dim=-5).view(states.shape), S.view(initial_state.shape)
+    slots = out.view(*lead, c + 1, g, n, hg, hgp // hg).unbind(-5)
+    if initial_state.data_ptr() != out.data_ptr():
+        slots[0].copy_(initial_state.view(slots[0].shape))
+    for k, (s, a) in enumerate(zip(chunks, decays)):
+        torch.addcmul(s, a, slots[k], out=slots[k + 1])
+    return out.narrow(-4, 0, c), out.select(-4, c)
 
 
 def state_to_output(
-    S: Tensor, decay_from_start: Tensor, C: Tensor, y_diag: Tensor, out: Tensor | None = None
+    S: Tensor, from_start: Tensor, C: Tensor, y_diag: Tensor, out: Tensor | None = None
 ) -> Tensor:
     """Step 4: add what the state entering each chunk contributes to that chunk's outputs.
 
-    y_t = y_diag_t + decay_from_start_t S_c C_t, with decay_from_start (b, c, Q, h) the
-    decay from the chunk's start through step t. S (b, c, g, n, hg*p) entering states from
-    `state_passing`, C (b, c, Q, g, n), y_diag (b, c, h, Q, p) from `diagonal_blocks`.
-    Returns (b, c, Q, h, p), written into `out` when given (one pass, no temporary).
+    y_t = y_diag_t + from_start_t S C_t, with from_start (..., Q, h) the decay from the
+    chunk's start through step t. S (..., g, n, hg*p) entering states from
+    `state_passing`, C (..., g, Q, n), y_diag (..., h, Q, p) from `diagonal_blocks`.
+    Returns (..., Q, h, p); with `out` (contiguous, one group) C S is written there and
+    then scaled and added in place: one pass over the output.
     """
-    b, c, g, n, hgp = S.shape
-    Q, h = decay_from_start.shape[2], decay_from_start.shape[3]
-    y = C.transpose(2, 3) @ S  # (b, c, g, Q, hg*p)
-    y = y.transpose(2, 3).reshape(b, c, Q, h, hgp * g // h)  # (b, c, Q, h, p)
-    decay = decay_from_start.unsqueeze(-1)
-    if out is None:
-        return y * decay + y_diag.transpose(2, 3)
-    return torch.addcmul(y_diag.transpose(2, 3), y, decay, out=out)
+    *lead, g, n, hgp = S.shape
+    Q, h = from_start.shape[-2:]
+    decay = from_start.unsqueeze(-1)  # (..., Q, h, 1)
+    if out is not None and g == 1:
+        y_off = _matmul(C, S, out.view(*lead, 1, Q, hgp)).view(out.shape)  # (..., Q, h, p)
+        return torch.addcmul(y_diag.transpose(-3, -2), y_off, decay, out=out)
+    y_off = (C @ S).transpose(-3, -2).reshape(*lead, Q, h, hgp * g // h)  # (..., Q, h, p)
+    return torch.addcmul(y_diag.transpose(-3, -2), y_off, decay, out=out)
 
 
-# The chunked path works through the sequence a block of chunks at a time, carrying the
-# state between blocks, so its (b, chunks, h, Q, Q) intermediates stay near this many
-# elements: they stay in cache on CPU, and no tensor as large as x is allocated (and
-# page-faulted in) except the output.
-_BLOCK_ELEMENTS = 1 << 18
+# The inference path works through the sequence a block of chunks of one batch element at
+# a time, carrying the state between blocks, so every intermediate stays near this many
+# elements and is allocated once per call: big temporaries cost page faults on every call.
+_BLOCK_ELEMENTS = 1 << 19
 
 
 def ssd_chunked(
@@ -383,77 +507,106 @@ def ssd_chunked(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The chunked SSD algorithm: O(l Q) work in matmuls, O(l / Q) sequential steps.
 
-    The four steps run on a block of chunks at a time (see `_BLOCK_ELEMENTS`), the state
-    carried from block to block by `state_passing`; any length and any chunk size work.
+    With autograd recording, the four steps run once over all chunks as ordinary
+    differentiable ops. Without, they run block by block (see `_BLOCK_ELEMENTS`) into
+    buffers allocated once, the outputs written straight into y. Any length and any chunk
+    size work either way.
     """
     _check_chunk_size(chunk_size)
     b, l, h, p, g, n = check_ssd_inputs(x, dt, A, B, C, chunk_size, D, initial_state)
     Q, hg = chunk_size, h // g
-    y = x.new_empty(b, l, h, p)  # in x's dtype; the rest is computed in the common one
+    x_dtype = x.dtype
     x, dt, A, B, C, D, initial_state = _common_dtype(x, dt, A, B, C, D, initial_state)
-    # When autograd is not recording, outputs go straight into y (out=, in place): fewer
-    # passes over memory. When it is, every step is an ordinary differentiable op.
     recording = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, dt, A, B, C, D, initial_state) if t is not None
     )
-    if initial_state is None:
-        S = x.new_zeros(b, g, n, hg * p)
-    else:
-        # (b, h, p, n) -> (b, g, n, hg*p), the layout the chunk states use
-        S = initial_state.reshape(b, g, hg, p, n).permute(0, 1, 4, 2, 3)
-        S = S.reshape(b, g, n, hg * p)
-    nchunks = -(-l // Q)
-    pad = nchunks * Q - l
+    c = -(-l // Q)
     # Padding with dt = 0 means a_t = 1 and no input: the state passes through the padded
     # tail unchanged, so the final state stays exact.
-    dt_c = F.pad(dt, (0, 0, 0, pad)).reshape(b, nchunks, Q, h)
-    # The decays are small (b, l, h) tensors: computed for the whole sequence at once.
-    dA = (dt_c * A).transpose(2, 3).contiguous()  # (b, nchunks, h, Q)
-    dA_cs = torch.cumsum(dA, dim=-1)  # (b, nchunks, h, Q), from each chunk's start
-    decay_from_start = torch.exp(dA_cs).transpose(2, 3)  # (b, nchunks, Q, h), step 4
-    chunk_decay = torch.exp(dA_cs[..., -1])  # (b, nchunks, h), step 3
-
-    chunks_per_block = max(1, _BLOCK_ELEMENTS // (b * h * Q * max(Q, p, n)))
-    for k0 in range(0, nchunks, chunks_per_block):
-        k1 = min(k0 + chunks_per_block, nchunks)
-        c, t0, t1 = k1 - k0, k0 * Q, min(k1 * Q, l)
-        ragged = t1 - t0 < c * Q  # only the last block can be: pad it like dt
-        xb, Bb, Cb = x[:, t0:t1], B[:, t0:t1], C[:, t0:t1]
-        if ragged:
-            tail = c * Q - (t1 - t0)
-            xb = F.pad(xb, (0, 0, 0, 0, 0, tail))
-            Bb, Cb = F.pad(Bb, (0, 0, 0, 0, 0, tail)), F.pad(Cb, (0, 0, 0, 0, 0, tail))
-        xb = xb.reshape(b, c, Q, h, p)
-        Bb, Cb = Bb.reshape(b, c, Q, g, n), Cb.reshape(b, c, Q, g, n)
-        dtb = dt_c[:, k0:k1]  # (b, c, Q, h)
-        # Decays inside each chunk, L[t, s] = exp(sum of dA over (s, t]). Row Q-1 is the
-        # decay from each step to the chunk's end, what step 2 needs.
-        L = torch.exp(_segsum_transposed(dA[:, k0:k1])).transpose(-1, -2)  # (b, c, h, Q, Q)
-        # dt x with heads before time, in one pass when nothing is recorded
-        xdt_h = (xb.transpose(2, 3), dtb.transpose(2, 3).unsqueeze(-1))  # (b, c, h, Q, p)
-        if recording:
-            xdt_h = torch.mul(*xdt_h).contiguous()
-        else:
-            xdt_h = torch.mul(*xdt_h, out=x.new_empty(b, c, h, Q, p))
-
-        y_diag = diagonal_blocks(xdt_h, L, Bb, Cb)  # (b, c, h, Q, p)
-        states = chunk_state(xb, dtb * L[..., -1, :].transpose(2, 3), Bb)  # (b,c,g,n,hg*p)
-        entering, S = state_passing(states, chunk_decay[:, k0:k1], S)
-        decay = decay_from_start[:, k0:k1]
-        if recording or ragged:
-            yb = state_to_output(entering, decay, Cb, y_diag).reshape(b, c * Q, h, p)
-            yb = yb[:, : t1 - t0]
-            if D is not None:
-                yb = torch.addcmul(yb, x[:, t0:t1], D[:, None])
-            y[:, t0:t1] = yb
-        else:
-            state_to_output(entering, decay, Cb, y_diag, out=y[:, t0:t1].view(b, c, Q, h, p))
-            if D is not None:
-                y[:, t0:t1].addcmul_(x[:, t0:t1], D[:, None])
+    dt = F.pad(dt, (0, 0, 0, c * Q - l)).view(b, c, Q, h)
+    dec = chunk_decays(dt, A, _sub_chunk_length(Q))  # small: (b, c, h, ...)
+    if initial_state is None:
+        S0 = x.new_zeros(b, g, n, hg * p)
+    else:
+        # (b, h, p, n) -> (b, g, n, hg*p), the layout the chunk states use
+        S0 = initial_state.reshape(b, g, hg, p, n).permute(0, 1, 4, 2, 3).reshape(b, g, n, -1)
+    run = _chunked_all_at_once if recording else _chunked_in_blocks
+    y, S = run(x, dec, B, C, D, S0)
+    y = y.to(x_dtype)  # in x's dtype whatever the others' (the state stays in the common one)
     if not return_final_state:
         return y
-    final = S.view(b, g, n, hg, p).permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
-    return y, final
+    return y, S.reshape(b, g, n, hg, p).permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
+
+
+def _chunked_all_at_once(
+    x: Tensor, dec: ChunkDecays, B: Tensor, C: Tensor, D: Tensor | None, S0: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The four steps over all chunks at once, differentiable: y (b, l, h, p), final state."""
+    b, l, h, p = x.shape
+    c, Q = dec.dt.shape[1], dec.dt.shape[-1]
+    g, n = B.shape[2:]
+    pad = (0, 0, 0, 0, 0, c * Q - l)
+    x = F.pad(x, pad).reshape(b, c, Q, h, p)
+    B_t = F.pad(B, pad).reshape(b, c, Q, g, n).permute(0, 1, 3, 4, 2)  # (b, c, g, n, Q)
+    C_c = F.pad(C, pad).reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
+    L = decay_matrix(dec)  # (b, c, h, Q, Q)
+    states = chunk_state(x, L[..., Q - 1, :].transpose(-1, -2), B_t)  # (b, c, g, n, hg*p)
+    y_diag = diagonal_blocks(x.transpose(2, 3), L, C_c @ B_t, D)  # (b, c, h, Q, p)
+    entering, S = state_passing(states, dec.whole, S0)
+    y = state_to_output(entering, dec.from_start, C_c, y_diag)  # (b, c, Q, h, p)
+    return y.reshape(b, c * Q, h, p)[:, :l], S
+
+
+def _chunked_in_blocks(
+    x: Tensor, dec: ChunkDecays, B: Tensor, C: Tensor, D: Tensor | None, S0: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The same steps without autograd, per batch element and block of chunks: every
+    intermediate in a buffer made once, every output written in place."""
+    b, l, h, p = x.shape
+    c, Q, (nI, R) = dec.dt.shape[1], dec.dt.shape[-1], dec.into.shape[-2:]
+    g, n = B.shape[2:]
+    k = max(1, min(c, _BLOCK_ELEMENTS // (h * Q * max(Q, p, n))))  # chunks per block
+    new = x.new_empty
+    y = new(b, l, h, p)
+    L_buf, x_h_buf, y_diag_buf, u_buf = (
+        new(k, h, Q, Q),
+        new(k, h, Q, p),
+        new(k, h, Q, p),
+        new(k, Q, h, p),
+    )
+    CB_buf, w_buf, B_buf = new(k, g, Q, Q), new(k, Q, h), new(k, g, n, Q)
+    work = (new(k, h, nI, R, nI), x.new_zeros(k, h, nI, nI, R), new(k, h, nI, R, R))
+    slots = new(k + 1, g, n, S0.shape[-1])  # the states entering each chunk, then the last
+    S_final = torch.empty_like(S0)
+    for i in range(b):
+        slots[0] = S0[i]
+        for k0 in range(0, c, k):
+            k1 = min(k0 + k, c)
+            kb, t0, t1 = k1 - k0, k0 * Q, min(k1 * Q, l)
+            xb, Bb, Cb = x[i, t0:t1], B[i, t0:t1], C[i, t0:t1]
+            if t1 - t0 < kb * Q:  # only the last block can be ragged: pad it like dt
+                pad = (0, 0, 0, 0, 0, kb * Q - (t1 - t0))
+                xb, Bb, Cb = F.pad(xb, pad), F.pad(Bb, pad), F.pad(Cb, pad)
+            xb = xb.view(kb, Q, h, p)
+            B_t = B_buf[:kb].copy_(Bb.view(kb, Q, g, n).permute(0, 2, 3, 1))  # (kb, g, n, Q)
+            C_c = Cb.view(kb, Q, g, n).transpose(1, 2)  # (kb, g, Q, n)
+            d = dec.block(i, k0, k1)
+            L = decay_matrix(d, out=L_buf[:kb], work=tuple(w[:kb] for w in work))
+            weight = w_buf[:kb].copy_(L[..., Q - 1, :].transpose(-1, -2))  # (kb, Q, h)
+            chunk_state(xb, weight, B_t, out=slots[1 : kb + 1], work=u_buf[:kb])
+            x_h = x_h_buf[:kb].copy_(xb.transpose(1, 2))  # (kb, h, Q, p)
+            CB = _matmul(C_c, B_t, CB_buf[:kb])  # (kb, g, Q, Q)
+            y_diag = diagonal_blocks(x_h, L, CB, D, out=y_diag_buf[:kb])  # L becomes M
+            state_passing(slots[1 : kb + 1], d.whole, slots[0], out=slots[: kb + 1])
+            if t1 - t0 == kb * Q:
+                out = y[i, t0:t1].view(kb, Q, h, p)
+                state_to_output(slots[:kb], d.from_start, C_c, y_diag, out=out)
+            else:
+                yb = state_to_output(slots[:kb], d.from_start, C_c, y_diag)
+                y[i, t0:t1] = yb.reshape(kb * Q, h, p)[: t1 - t0]
+            slots[0] = slots[kb]
+        S_final[i] = slots[0]
+    return y, S_final
 
 
 # ---------------------------------------------------------------------------

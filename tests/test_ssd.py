@@ -16,8 +16,11 @@ from hypothesis import strategies as st
 
 import aotlib.ssd as ssd_mod
 from aotlib.ssd import (
-    _segsum_transposed,
+    _sub_chunk_length,
+    _sub_chunk_segsum,
     check_ssd_inputs,
+    chunk_decays,
+    decay_matrix,
     numerical_rank,
     offdiagonal_ranks,
     offdiagonal_singular_values,
@@ -76,11 +79,14 @@ def test_segsum_matches_definition() -> None:
     torch.testing.assert_close(torch.diagonal(L, dim1=-2, dim2=-1), torch.ones(2, 3, 9).double())
 
 
-def test_segsum_transposed_matches_segsum() -> None:
-    x = torch.randn(4, 17, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    causal = torch.ones(17, 17, dtype=torch.bool).tril()
-    got = _segsum_transposed(x).transpose(-1, -2)
-    torch.testing.assert_close(got[..., causal], segsum(x)[..., causal])
+def test_sub_chunk_segsum_matches_segsum() -> None:
+    x = torch.randn(4, 18, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = _sub_chunk_segsum(x, 6)  # (4, 3, 6, 6): three sub-chunks of 6 steps
+    assert got.shape == (4, 3, 6, 6)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    for j in range(3):
+        ref = segsum(x[:, 6 * j : 6 * (j + 1)])
+        torch.testing.assert_close(got[:, j][..., causal], ref[..., causal])
     assert (got[..., ~causal] == 0).all()
 
 
@@ -97,7 +103,41 @@ def test_segsum_is_stable_in_float32() -> None:
     naive = cs[:, None] - cs[None, :]  # (j, i): the unstable way
     assert rel(naive) > 1e-3  # the hazard is real at this size...
     assert rel(segsum(x.float())) < 1e-5  # ...and segsum avoids it
-    assert rel(_segsum_transposed(x.float()).transpose(-1, -2)) < 1e-5
+    assert rel(_sub_chunk_segsum(x.float(), 64)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("Q", [1, 4, 7, 16, 48, 63, 64])
+def test_decay_matrix_is_exp_segsum(Q: int) -> None:
+    # U @ V off the diagonal sub-blocks plus the sub-block segment sums give the whole
+    # decay matrix L diag(dt) on and below the diagonal, for any chunk length; above it
+    # only the diagonal sub-blocks are nonzero (the causal C B^T masks them).
+    R = _sub_chunk_length(Q)
+    assert Q % R == 0 and R <= 2 * Q**0.5
+    gen = torch.Generator().manual_seed(Q)
+    dt = torch.rand(2, 3, Q, 4, generator=gen, dtype=torch.float64)  # (b, c, Q, h)
+    A = -torch.rand(4, generator=gen, dtype=torch.float64) * 2
+    L = decay_matrix(chunk_decays(dt, A, R))  # (b, c, h, Q, Q)
+    dt_h = dt.permute(0, 1, 3, 2)  # (b, c, h, Q)
+    ref = torch.exp(segsum(dt_h * A[:, None])) * dt_h.unsqueeze(-2)
+    torch.testing.assert_close(L.tril(), ref, rtol=1e-12, atol=0)
+    in_blocks = torch.block_diag(*[torch.ones(R, R)] * (Q // R)).bool()
+    assert (L.triu(1)[..., ~in_blocks] == 0).all()
+
+
+def test_decay_matrix_is_stable_in_float32() -> None:
+    # The hazard of test_segsum_is_stable_in_float32 inside a chunk: one huge decay, then
+    # small ones. Every factor of L is summed over its own stretch, so the small
+    # segments keep float32's relative precision wherever they fall.
+    Q = 64
+    for big_at in (0, 5, 16, 40):
+        dt = torch.full((1, 1, Q, 1), 1e-3, dtype=torch.float64)
+        dt[0, 0, big_at] = 1000.0
+        A = torch.tensor([-1.0], dtype=torch.float64)
+        ref = decay_matrix(chunk_decays(dt, A, 16))
+        got = decay_matrix(chunk_decays(dt.float(), A.float(), 16)).double()
+        mask = ref.tril() > 1e-30
+        rel = ((got - ref) / ref)[mask].abs().max().item()
+        assert rel < 2e-6, (big_at, rel)
 
 
 # ---------------------------------------------------------------------------
