@@ -12,7 +12,7 @@ import sys
 
 from aotlib.arrow import paired_bootstrap, seed_spread
 from aotlib.experiments import GRIDS, both_directions, lm_config
-from aotlib.results import get_result, result_path
+from aotlib.results import claim, get_result, result_path
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         i, n = (int(x) for x in args.shard.split("/"))
         runs = [cfg for name in args.names for cfg in GRIDS[name](args.scale)]
         for cfg in runs[i::n]:
-            r = get_result(cfg, args.scale, progress=not args.quiet)
+            # Several `grid` processes may share one list: each run is claimed by a lock.
+            with claim(cfg, args.scale) as mine:
+                if not mine:
+                    continue
+                r = get_result(cfg, args.scale, progress=not args.quiet)
             print(f"{result_path(cfg, args.scale).name}: {r['final_val_loss']:.4f}", flush=True)
         return 0
 

@@ -10,6 +10,9 @@ per process.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,32 @@ def get_result(
     if fresh():
         _refreshed.add(key)
     return result
+
+
+@contextmanager
+def claim(cfg: TrainConfig, scale: str) -> Iterator[bool]:
+    """Claim a run for this process (True) unless a live process holds it (False)."""
+    lock = cache_dir() / "runs" / scale / cfg.key() / "claimed.pid"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or "0"), 0)
+                yield False  # another live process trains it
+                return
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)  # its owner died: take it over
+                continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    yield False
 
 
 def summarize(results: list[dict[str, Any]]) -> pd.DataFrame:

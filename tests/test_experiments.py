@@ -113,3 +113,14 @@ def test_cli_arrow_prints_delta_with_interval(store: Path, monkeypatch, capsys) 
     assert main(["arrow", "--scale", "smoke", "--lang", "fr", "--seeds", "0", "1", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "delta +4.76%" in out and "95% CI" in out and "across 2 seeds" in out
+
+
+def test_claim_lets_one_process_train_a_run(store: Path) -> None:
+    from aotlib.results import claim
+
+    cfg = synthetic_config("smoke", "primes")
+    with claim(cfg, "smoke") as first:
+        with claim(cfg, "smoke") as second:  # this (live) process already holds it
+            assert first and not second
+    with claim(cfg, "smoke") as again:  # released on exit
+        assert again
