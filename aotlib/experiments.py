@@ -150,12 +150,19 @@ LINEAR_KS = {"smoke": [0, 6], "cpu": [0, 4, 16, 40], "paper": [0, 2, 4, 8, 16, 3
 
 
 def languages_grid(scale: str) -> list[TrainConfig]:
-    """Notebook 03: both directions for each language and seed, plus the tokenizer control."""
+    """Notebook 03: both directions per language and seed, and the tokenizer control.
+
+    Ordered by priority (French and English, then the control, then the others; seed
+    by seed), so that `python -m aotlib grid languages` fills the figure's core first.
+    """
     runs = []
-    for seed in SEEDS[scale]:  # seed-major, so a partial grid has whole seeds
-        for lang in LANGUAGES[scale]:
+    for seed in SEEDS[scale]:
+        langs = LANGUAGES[scale]
+        for lang in langs[:2]:
             runs += both_directions(lm_config(scale, lang=lang, seed=seed))
         runs += both_directions(lm_config(scale, lang="fr", seed=seed, tokenizer="bpe-reversed"))
+        for lang in langs[2:]:
+            runs += both_directions(lm_config(scale, lang=lang, seed=seed))
     return runs
 
 
