@@ -30,6 +30,7 @@ i // (h // g)), D (h,), states (b, h, p, n).
 from __future__ import annotations
 
 import math
+import threading
 from typing import NamedTuple
 
 import torch
@@ -294,7 +295,8 @@ class ChunkDecays(NamedTuple):
 
     dt (..., Q); dA = dt A (..., Q), each <= 0; from_start (b, c, Q, h): decay from the
     chunk's start through step t (step 4, time before heads as in y); whole (b, c, h):
-    decay over the whole chunk (step 3).
+    decay over the whole chunk (step 3); to_end (b, c, Q, h): dt_s times the decay from s
+    to the chunk's end (the chunk-state weights of step 2, row Q-1 of `decay_matrix`).
     With the chunk cut into nI sub-chunks of R steps: into (..., nI, R): decay from the
     sub-chunk's start through t; out_dt (..., nI, R): dt_s times the decay from s to the
     sub-chunk's end; between (..., nI, nI): decay over the whole sub-chunks strictly
@@ -305,46 +307,84 @@ class ChunkDecays(NamedTuple):
     dA: Tensor
     from_start: Tensor
     whole: Tensor
+    to_end: Tensor
     into: Tensor
     out_dt: Tensor
     between: Tensor
 
-    def block(self, i: int, k0: int, k1: int) -> ChunkDecays:
-        """Batch element i, chunks k0 .. k1 - 1 (views)."""
+    def block(self, i: int | slice, k0: int, k1: int) -> ChunkDecays:
+        """Batch element (or elements) i, chunks k0 .. k1 - 1 (views)."""
         return ChunkDecays(*(t[i, k0:k1] for t in self))
 
 
 def chunk_decays(dt: Tensor, A: Tensor, R: int) -> ChunkDecays:
-    """dt (b, c, Q, h) cut into chunks, A (h,) -> `ChunkDecays` with sub-chunks of R steps."""
+    """dt (b, c, Q, h) cut into chunks, A (h,) -> `ChunkDecays` with sub-chunks of R steps.
+
+    Every decay is exp of a sum taken directly over its own steps (`_masked_sums`), or a
+    product of such decays over adjacent stretches.
+    """
     b, c, Q, h = dt.shape
     nI = Q // R
     dt = dt.permute(0, 1, 3, 2).contiguous()  # (b, c, h, Q)
     dA = dt * A[:, None]  # (b, c, h, Q)
-    from_start = torch.exp(torch.cumsum(dA, dim=-1)).transpose(-1, -2).contiguous()
-    dA_sub = dA.view(b, c, h, nI, R)
-    into = torch.cumsum(dA_sub, dim=-1)  # over sub-chunk start .. t
-    # over (s, sub-chunk end]: a cumsum backwards over the steps after s, so the step s
-    # itself is never added and subtracted again
-    after = torch.cumsum(F.pad(dA_sub[..., 1:], (0, 1)).flip(-1), dim=-1).flip(-1)
-    # over whole sub-chunks J+1 .. I-1: segsum over sub-chunks (J+1 .. I), moved down a row
-    between = torch.exp(segsum(into[..., -1]))  # (b, c, h, nI, nI), 0 where J > I
-    between = F.pad(between, (0, 0, 1, 0))[..., :nI, :]  # 0 where J >= I
-    out_dt = torch.exp(after) * dt.view(b, c, h, nI, R)
+    # inside each sub-chunk: over its start .. t, and over (s, its end]. (exp only ever
+    # runs on contiguous tensors: on strided ones torch falls back to a scalar loop.)
+    k, t = _steps(R, dt)
+    sums = _masked_sums(dA.view(b, c, h, nI, R), torch.cat([k <= t, k > t], dim=1))
+    total = sums[..., R - 1]  # (b, c, h, nI), each sub-chunk's sum
+    sub = torch.exp(sums)  # (b, c, h, nI, 2R)
+    into = sub[..., :R].contiguous()
+    out_dt = sub[..., R:] * dt.view(b, c, h, nI, R)
+    # over whole sub-chunks: those before I, those after J, those strictly between J and I
+    K, I = _steps(nI, dt)  # (nI, 1), (1, nI)
+    K3, I3, J3 = K.view(nI, 1, 1), I.view(1, nI, 1), I.view(1, 1, nI)
+    between_mask = ((J3 < K3) & (K3 < I3)).view(nI, nI * nI)  # (K, (I, J))
+    across = torch.exp(_masked_sums(total, torch.cat([K < I, K > I, between_mask], dim=1)))
+    before, after_all = across[..., :nI], across[..., nI : 2 * nI]  # (b, c, h, nI)
+    lower = (J3 < I3).view(nI, nI).to(dt.dtype)  # an empty sum for J >= I: no decay there
+    between = across[..., 2 * nI :].reshape(b, c, h, nI, nI) * lower  # (..., I, J)
+    # chunk start .. t and (s, chunk end]: the sub-chunk's part times the whole sub-chunks'
+    from_start = (into * before.unsqueeze(-1)).reshape(b, c, h, Q)
+    to_end = (out_dt * after_all.unsqueeze(-1)).reshape(b, c, h, Q)
+    from_start = from_start.transpose(-1, -2).contiguous()  # (b, c, Q, h)
+    to_end = to_end.transpose(-1, -2).contiguous()  # (b, c, Q, h)
     whole = from_start[:, :, -1]  # (b, c, h)
-    return ChunkDecays(dt, dA, from_start, whole, torch.exp(into), out_dt, between)
+    return ChunkDecays(dt, dA, from_start, whole, to_end, into, out_dt, between)
 
 
-def _sub_chunk_segsum(dA: Tensor, R: int, work: Tensor | None = None) -> Tensor:
+def _steps(T: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices k (T, 1) and t (1, T) for building 0/1 masks [k ... t]."""
+    r = torch.arange(T, device=like.device)
+    return r[:, None], r[None, :]
+
+
+def _masked_sums(x: Tensor, mask: Tensor, out: Tensor | None = None) -> Tensor:
+    """out[..., j] = sum of x[..., k] over the k with mask[k, j]: (..., T) -> (..., M).
+
+    One matmul with a 0/1 matrix, so each entry is summed directly over its own set of
+    steps: no difference of two longer sums, which would cancel in float32.
+    """
+    *lead, T = x.shape
+    mask = mask.to(x.dtype)
+    if out is None:
+        return (x.reshape(-1, T) @ mask).view(*lead, mask.shape[1])
+    torch.mm(x.reshape(-1, T), mask, out=out.view(-1, mask.shape[1]))
+    return out
+
+
+def _sub_chunk_segsum(dA: Tensor, R: int, out: Tensor | None = None) -> Tensor:
     """Segment sums inside each sub-chunk of R steps: (..., Q) -> (..., Q/R, R, R).
 
-    out[..., t, s] = dA_{s+1} + ... + dA_t for s <= t, 0 above the diagonal. One matmul
-    of dA_k [k <= t] with the 0/1 matrix [k > s], so each entry sums exactly its own
-    segment (no cancellation). `work` (..., Q/R, R, R) takes the masked dA.
+    out[..., t, s] = dA_{s+1} + ... + dA_t for s <= t, 0 above the diagonal: one
+    `_masked_sums` with the mask [s < k <= t] over (k, (t, s)).
     """
     *lead, Q = dA.shape
-    ones = torch.ones(R, R, dtype=dA.dtype, device=dA.device)
-    z = torch.mul(dA.view(*lead, Q // R, 1, R), ones.tril(), out=work)  # (..., t, k)
-    return z @ ones.tril(-1)
+    k, t = _steps(R, dA)
+    mask = (k.unsqueeze(-1) <= t.unsqueeze(-1)) & (k.unsqueeze(-1) > t)  # (k, t, s)
+    out = None if out is None else out.view(*lead, Q // R, R * R)
+    return _masked_sums(dA.view(*lead, Q // R, R), mask.view(R, R * R), out).view(
+        *lead, Q // R, R, R
+    )
 
 
 def decay_matrix(
@@ -359,24 +399,27 @@ def decay_matrix(
     into_t between_IJ out_dt_s, so all of L but the diagonal blocks is U @ V with
     U[t, J] = into_t between_{I(t) J} and V[J, s] = out_dt_s [s in J]: a matmul of inner
     size nI. The diagonal blocks (0 in U @ V) are then written from segment sums.
-    `out` (..., h, Q, Q) and `work` (three buffers: U, V with zeros off its block
-    diagonal, and one like the diagonal blocks) keep the fast path free of allocations.
+    `out` (..., h, Q, Q) and `work` (three buffers: U^T and V (..., nI, nI, R), V with
+    zeros off its block diagonal, and one like the diagonal blocks) keep the fast path
+    free of allocations.
     """
     *lead, nI, R = dec.into.shape
+    Q = nI * R
+    # U is built transposed, U^T[J, I, t'] with t = I R + t': rows of R numbers, not nI
     if work is None:
-        U = dec.into.unsqueeze(-1) * dec.between.unsqueeze(-2)  # (..., I, t, J)
+        U_t = dec.into.unsqueeze(-3) * dec.between.transpose(-1, -2).unsqueeze(-1)
         eye = torch.eye(nI, dtype=dec.dt.dtype, device=dec.dt.device)
         V = dec.out_dt.unsqueeze(-3) * eye[:, :, None]  # (..., J, J, s)
-        work_blocks = None
+        sums = None
     else:
-        U, V, work_blocks = work
-        torch.mul(dec.into.unsqueeze(-1), dec.between.unsqueeze(-2), out=U)
+        U_t, V, sums = work
+        torch.mul(dec.into.unsqueeze(-3), dec.between.transpose(-1, -2).unsqueeze(-1), out=U_t)
         V.diagonal(dim1=-3, dim2=-2).copy_(dec.out_dt.transpose(-1, -2))
-    Q = nI * R
-    L = _matmul(U.view(*lead, Q, nI), V.view(*lead, nI, Q), out)  # (..., Q, Q)
+    U = U_t.reshape(*lead, nI, Q).transpose(-1, -2)  # (..., t, J)
+    L = _matmul(U, V.view(*lead, nI, Q), out)  # (..., Q, Q)
     blocks = L.view(*lead, nI, R, nI, R).diagonal(dim1=-4, dim2=-2)  # (..., R, R, nI)
     blocks = blocks.movedim(-1, -3)  # (..., nI, R, R)
-    inner = torch.exp_(_sub_chunk_segsum(dec.dA, R, work_blocks))  # (..., nI, R, R)
+    inner = torch.exp_(_sub_chunk_segsum(dec.dA, R, sums))  # (..., nI, R, R)
     dt = dec.dt.view(*lead, nI, 1, R)  # on column s
     if out is None:
         blocks.copy_(inner * dt)  # autograd follows a copy into a view
@@ -406,7 +449,7 @@ def diagonal_blocks(
     (..., h, Q, Q) from `decay_matrix` (dt included); CB (..., g, Q, Q) = C B^T per group;
     D (h,): the skip connection, added on M's diagonal. Returns (..., h, Q, p), as if every
     chunk started from a zero state. The causal mask goes on C B^T (h / g times smaller
-    than L). With `out`, M = L o C B^T overwrites L and the mask CB (no temporaries).
+    than L). With `out`, M = L o C B^T overwrites L, and CB is masked in place.
     """
     *lead, h, Q, _ = L.shape
     g = CB.shape[-3]
@@ -424,7 +467,7 @@ def chunk_state(
     """Step 2: each chunk's final state from its own inputs (zero state coming in).
 
     state = sum_s weight_s x_s B_s^T over the chunk's steps s, with weight (..., Q, h) =
-    dt_s times the decay from s to the chunk's end (row Q-1 of `decay_matrix`); x
+    dt_s times the decay from s to the chunk's end (`ChunkDecays.to_end`); x
     (..., Q, h, p), B_t (..., g, n, Q). Returns (..., g, n, hg*p): the state transposed, all
     heads of a group side by side. `work` (shaped like x) takes the weighted x.
     """
@@ -463,7 +506,10 @@ def state_passing(
     if initial_state.data_ptr() != out.data_ptr():
         slots[0].copy_(initial_state.view(slots[0].shape))
     for k, (s, a) in enumerate(zip(chunks, decays)):
-        torch.addcmul(s, a, slots[k], out=slots[k + 1])
+        if s.data_ptr() == slots[k + 1].data_ptr():  # states are out's slots 1..c
+            slots[k + 1].addcmul_(slots[k], a)
+        else:
+            torch.addcmul(s, a, slots[k], out=slots[k + 1])
     return out.narrow(-4, 0, c), out.select(-4, c)
 
 
@@ -488,10 +534,10 @@ def state_to_output(
     return torch.addcmul(y_diag.transpose(-3, -2), y_off, decay, out=out)
 
 
-# The inference path works through the sequence a block of chunks of one batch element at
-# a time, carrying the state between blocks, so every intermediate stays near this many
-# elements and is allocated once per call: big temporaries cost page faults on every call.
-_BLOCK_ELEMENTS = 1 << 19
+# The inference path works through the sequence a block of chunks at a time, carrying the
+# state between blocks, so every intermediate stays near this many elements (in buffers
+# kept from call to call, see `_scratch`).
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def ssd_chunked(
@@ -508,9 +554,9 @@ def ssd_chunked(
     """The chunked SSD algorithm: O(l Q) work in matmuls, O(l / Q) sequential steps.
 
     With autograd recording, the four steps run once over all chunks as ordinary
-    differentiable ops. Without, they run block by block (see `_BLOCK_ELEMENTS`) into
-    buffers allocated once, the outputs written straight into y. Any length and any chunk
-    size work either way.
+    differentiable ops. Without, they run block by block (see `_BLOCK_ELEMENTS`) in
+    reused buffers, the outputs written straight into y. Any length and any chunk size
+    work either way.
     """
     _check_chunk_size(chunk_size)
     b, l, h, p, g, n = check_ssd_inputs(x, dt, A, B, C, chunk_size, D, initial_state)
@@ -550,33 +596,82 @@ def _chunked_all_at_once(
     B_t = F.pad(B, pad).reshape(b, c, Q, g, n).permute(0, 1, 3, 4, 2)  # (b, c, g, n, Q)
     C_c = F.pad(C, pad).reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
     L = decay_matrix(dec)  # (b, c, h, Q, Q)
-    states = chunk_state(x, L[..., Q - 1, :].transpose(-1, -2), B_t)  # (b, c, g, n, hg*p)
+    states = chunk_state(x, dec.to_end, B_t)  # (b, c, g, n, hg*p)
     y_diag = diagonal_blocks(x.transpose(2, 3), L, C_c @ B_t, D)  # (b, c, h, Q, p)
     entering, S = state_passing(states, dec.whole, S0)
     y = state_to_output(entering, dec.from_start, C_c, y_diag)  # (b, c, Q, h, p)
     return y.reshape(b, c * Q, h, p)[:, :l], S
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(x: Tensor, *shapes: tuple[int, ...]) -> list[Tensor]:
+    """Uninitialised buffers of these shapes, like x, for the inference path.
+
+    On CPU they are carved from one allocation that is kept (per thread, dtype and
+    inference mode) and reused by the next call: the allocator hands big temporaries back
+    to the system, and memory page-faulted in afresh on every call costs about as much as
+    the work done in it. It grows to the largest call seen (about 25 MB for the benchmark's
+    sizes). Elsewhere (CUDA's caching allocator keeps memory anyway) plain allocations.
+    """
+    if x.device.type != "cpu":
+        return [x.new_empty(shape) for shape in shapes]
+    sizes = [-(-math.prod(shape) // 16) * 16 for shape in shapes]  # 64-byte aligned views
+    kept = _SCRATCH.__dict__.setdefault("buffers", {})
+    # an inference tensor may not be written outside inference mode: one buffer per mode
+    key = (x.dtype, torch.is_inference_mode_enabled())
+    flat = kept.get(key)
+    if flat is None or flat.numel() < sum(sizes):
+        flat = kept[key] = x.new_empty(sum(sizes))
+    views, start = [], 0
+    for shape, size in zip(shapes, sizes):
+        views.append(flat[start : start + math.prod(shape)].view(shape))
+        start += size
+    return views
+
+
 def _chunked_in_blocks(
     x: Tensor, dec: ChunkDecays, B: Tensor, C: Tensor, D: Tensor | None, S0: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """The same steps without autograd, per batch element and block of chunks: every
-    intermediate in a buffer made once, every output written in place."""
+    """The same steps without autograd, a block of chunks of one batch element at a time:
+    every intermediate in a reused buffer, every output written in place. Very short
+    sequences, where the per-block overhead would dominate, go through
+    `_chunked_all_at_once` instead, as many at once as fill a block."""
     b, l, h, p = x.shape
     c, Q, (nI, R) = dec.dt.shape[1], dec.dt.shape[-1], dec.into.shape[-2:]
     g, n = B.shape[2:]
-    k = max(1, min(c, _BLOCK_ELEMENTS // (h * Q * max(Q, p, n))))  # chunks per block
-    new = x.new_empty
-    y = new(b, l, h, p)
-    L_buf, x_h_buf, y_diag_buf, u_buf = (
-        new(k, h, Q, Q),
-        new(k, h, Q, p),
-        new(k, h, Q, p),
-        new(k, Q, h, p),
+    fit = _BLOCK_ELEMENTS // (h * Q * max(Q, p, n))  # chunks per block
+    if 32 * c <= fit:  # a block per sequence would be tiny: group whole sequences
+        m = min(b, fit // c)
+        parts = [
+            _chunked_all_at_once(
+                x[i : i + m],
+                dec.block(slice(i, i + m), 0, c),
+                B[i : i + m],
+                C[i : i + m],
+                D,
+                S0[i : i + m],
+            )
+            for i in range(0, b, m)
+        ]
+        return torch.cat([y for y, _ in parts]), torch.cat([S for _, S in parts])
+    k = max(1, min(c, fit))
+    y = x.new_empty(b, l, h, p)
+    L_buf, x_h_buf, y_diag_buf, u_buf, CB_buf, B_buf, U_t, V, sums, slots = _scratch(
+        x,
+        (k, h, Q, Q),
+        (k, h, Q, p),
+        (k, h, Q, p),
+        (k, Q, h, p),
+        (k, g, Q, Q),
+        (k, g, n, Q),
+        (k, h, nI, nI, R),
+        (k, h, nI, nI, R),
+        (k, h, nI, R, R),
+        (k + 1, g, n, S0.shape[-1]),  # the states entering each chunk, then the last
     )
-    CB_buf, w_buf, B_buf = new(k, g, Q, Q), new(k, Q, h), new(k, g, n, Q)
-    work = (new(k, h, nI, R, nI), x.new_zeros(k, h, nI, nI, R), new(k, h, nI, R, R))
-    slots = new(k + 1, g, n, S0.shape[-1])  # the states entering each chunk, then the last
+    work = (U_t, V.zero_(), sums)  # V is 0 off its block diagonal
     S_final = torch.empty_like(S0)
     for i in range(b):
         slots[0] = S0[i]
@@ -592,8 +687,7 @@ def _chunked_in_blocks(
             C_c = Cb.view(kb, Q, g, n).transpose(1, 2)  # (kb, g, Q, n)
             d = dec.block(i, k0, k1)
             L = decay_matrix(d, out=L_buf[:kb], work=tuple(w[:kb] for w in work))
-            weight = w_buf[:kb].copy_(L[..., Q - 1, :].transpose(-1, -2))  # (kb, Q, h)
-            chunk_state(xb, weight, B_t, out=slots[1 : kb + 1], work=u_buf[:kb])
+            chunk_state(xb, d.to_end, B_t, out=slots[1 : kb + 1], work=u_buf[:kb])
             x_h = x_h_buf[:kb].copy_(xb.transpose(1, 2))  # (kb, h, Q, p)
             CB = _matmul(C_c, B_t, CB_buf[:kb])  # (kb, g, Q, Q)
             y_diag = diagonal_blocks(x_h, L, CB, D, out=y_diag_buf[:kb])  # L becomes M

@@ -58,6 +58,18 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+# Without autograd the chunked path runs short sequences all at once (as with autograd)
+# and long ones in blocks of chunks written in place; "blocks" forces the blocked path with
+# two chunks per block, so small tests cover both.
+PATHS = ["auto", "blocks"]
+
+
+def use_path(monkeypatch, path: str, shape) -> None:
+    if path == "blocks":
+        b, l, h, p, g, n, Q = shape
+        monkeypatch.setattr(ssd_mod, "_BLOCK_ELEMENTS", 2 * h * Q * max(Q, p, n))
+
+
 # ---------------------------------------------------------------------------
 # segsum
 # ---------------------------------------------------------------------------
@@ -116,10 +128,17 @@ def test_decay_matrix_is_exp_segsum(Q: int) -> None:
     gen = torch.Generator().manual_seed(Q)
     dt = torch.rand(2, 3, Q, 4, generator=gen, dtype=torch.float64)  # (b, c, Q, h)
     A = -torch.rand(4, generator=gen, dtype=torch.float64) * 2
-    L = decay_matrix(chunk_decays(dt, A, R))  # (b, c, h, Q, Q)
+    dec = chunk_decays(dt, A, R)
+    L = decay_matrix(dec)  # (b, c, h, Q, Q)
     dt_h = dt.permute(0, 1, 3, 2)  # (b, c, h, Q)
     ref = torch.exp(segsum(dt_h * A[:, None])) * dt_h.unsqueeze(-2)
     torch.testing.assert_close(L.tril(), ref, rtol=1e-12, atol=0)
+    # the chunk-state weights are L's last row; the other decays its first column and sum
+    torch.testing.assert_close(dec.to_end, ref[..., -1, :].transpose(-1, -2), rtol=1e-12, atol=0)
+    dA = dt_h * A[:, None]
+    from_start = ref[..., 0] / dt_h[..., :1] * torch.exp(dA[..., :1])  # exp(dA_0 + .. + dA_t)
+    torch.testing.assert_close(dec.from_start, from_start.transpose(-1, -2), rtol=1e-12, atol=0)
+    torch.testing.assert_close(dec.whole, torch.exp(dA.sum(-1)))
     in_blocks = torch.block_diag(*[torch.ones(R, R)] * (Q // R)).bool()
     assert (L.triu(1)[..., ~in_blocks] == 0).all()
 
@@ -158,10 +177,12 @@ GRID = [
 ]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("with_init", [False, True], ids=["no_init", "init"])
 @pytest.mark.parametrize("with_D", [False, True], ids=["no_D", "D"])
 @pytest.mark.parametrize("shape", GRID, ids=lambda s: "b{}l{}h{}p{}g{}n{}Q{}".format(*s))
-def test_three_forms_agree_float64(shape, with_D: bool, with_init: bool) -> None:
+def test_three_forms_agree_float64(monkeypatch, shape, with_D: bool, with_init: bool, path) -> None:
+    use_path(monkeypatch, path, shape)
     *dims, Q = shape
     inp = make_inputs(*dims, with_D=with_D, with_init=with_init)
     out = run_all(inp, Q)
@@ -175,8 +196,10 @@ def test_three_forms_agree_float64(shape, with_D: bool, with_init: bool) -> None
         assert max_err(h, h_ref) < 1e-10, name
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape", GRID[2:6], ids=lambda s: "b{}l{}h{}p{}g{}n{}Q{}".format(*s))
-def test_three_forms_agree_float32(shape) -> None:
+def test_three_forms_agree_float32(monkeypatch, shape, path: str) -> None:
+    use_path(monkeypatch, path, shape)
     *dims, Q = shape
     ref = run_all(make_inputs(*dims), Q)["scan"]
     out = run_all(make_inputs(*dims, dtype=torch.float32), Q)
@@ -190,9 +213,9 @@ def test_three_forms_agree_float32(shape) -> None:
 
 @pytest.mark.parametrize("record", [False, True], ids=["inference", "autograd"])
 def test_chunked_blocks_and_ragged_tail(monkeypatch, record: bool) -> None:
-    # The chunked path works a block of chunks at a time; force many small blocks so
-    # the state is carried across block boundaries and only the last block is padded.
-    # Without autograd it writes into y in place; with autograd it builds and copies.
+    # Without autograd the chunked path works a block of chunks at a time; force blocks of
+    # one chunk so the state is carried across block boundaries and only the last block
+    # is padded. With autograd it runs all chunks at once whatever the block size.
     monkeypatch.setattr(ssd_mod, "_BLOCK_ELEMENTS", 1)
     inp = make_inputs(2, 203, 4, 3, 2, 5)
     inp["x"].requires_grad_(record)
@@ -225,9 +248,11 @@ def test_mixed_dtypes() -> None:
             assert max_err(y, ref) < 1e-5 * ref.abs().max().item(), name
 
 
-def test_chunked_writes_every_output() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_chunked_writes_every_output(monkeypatch, path: str) -> None:
     # With deterministic mode on, torch.empty fills floats with NaN: an output element
     # the chunked path forgot to write would show up.
+    use_path(monkeypatch, path, (2, 70, 2, 3, 1, 4, 32))
     inp = make_inputs(2, 70, 2, 3, 1, 4)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -236,6 +261,21 @@ def test_chunked_writes_every_output() -> None:
     finally:
         torch.use_deterministic_algorithms(was)
     assert torch.isfinite(y).all()
+
+
+def test_chunked_reuses_buffers_across_modes(monkeypatch) -> None:
+    # The inference path keeps its buffers between calls; one made under inference_mode
+    # must not be written under no_grad (torch forbids that), and results stay the same.
+    use_path(monkeypatch, "blocks", (2, 70, 2, 3, 1, 4, 16))
+    inp = make_inputs(2, 70, 2, 3, 1, 4, dtype=torch.float32)
+    args = (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], 16)
+    with torch.inference_mode():
+        first = ssd_chunked(*args, D=inp["D"])
+    with torch.no_grad():
+        again = ssd_chunked(*args, D=inp["D"])
+    with torch.inference_mode():
+        third = ssd_chunked(*args, D=inp["D"])
+    assert torch.equal(first, again) and torch.equal(first, third)
 
 
 def test_final_state_continues_the_sequence() -> None:
