@@ -22,8 +22,8 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)  ## create the virtual environment (done by every target that needs it)
 
-figures: $(STAMP)  ## run every notebook (SCALE=cpu|smoke|paper, FRESH=1 retrains)
-	$(PY) tools/run_notebooks.py --scale $(SCALE) $(if $(filter-out 0,$(FRESH)),--fresh)
+figures: $(STAMP)  ## run every notebook (SCALE=cpu|smoke|paper, FRESH=1 retrains, ONLY="01 03")
+	$(PY) tools/run_notebooks.py --scale $(SCALE) $(if $(filter-out 0,$(FRESH)),--fresh) $(if $(ONLY),--only $(ONLY))
 
 test: lint unit nbval  ## lint, unit tests, then every notebook at smoke scale (nbval)
 
