@@ -59,3 +59,11 @@ def arrow_from_results(fw: dict, bw: dict, n_boot: int = 2000) -> dict[str, floa
     d, lo, hi = paired_bootstrap(fw["val_window_losses"], bw["val_window_losses"], n_boot)
     return {"L_fw": fw["final_val_loss"], "L_bw": bw["final_val_loss"], "delta": d,
             "lo": lo, "hi": hi}  # fmt: skip
+
+
+def format_arrow_table(table, columns: list[str]) -> str:
+    """`columns` of an `aotlib.results.arrow_table`, then L_fw, L_bw, delta and its CI in %."""
+    out = table[columns + ["L_fw", "L_bw"]].round(3)
+    out["delta_%"] = (100 * table.delta).round(2)
+    out["CI_%"] = [f"{100 * lo:+.2f} .. {100 * hi:+.2f}" for lo, hi in zip(table.lo, table.hi)]
+    return out.to_string(index=False)

@@ -188,7 +188,7 @@ def context_grid(scale: str) -> list[TrainConfig]:
     tokens_per_step = base["batch_size"] * base["context"]
     steps = {"smoke": 30, "cpu": 150, "paper": None}[scale]
     runs = []
-    for lang in LANGUAGES[scale][:2] if scale != "cpu" else ["fr", "en"]:
+    for lang in LANGUAGES[scale][:2]:
         for context in CONTEXTS[scale]:
             over = dict(batch_size=max(1, tokens_per_step // context))
             if steps:

@@ -32,3 +32,9 @@ def plot_curves(ax, fw: dict, bw: dict, label: str = "", key: str = "val_loss") 
         steps, losses = zip(*pts)
         ax.plot(steps, losses, style, label=f"{label} {name}".strip())
     ax.set(xlabel="training step", ylabel="validation loss (nats/token)")
+
+
+def plot_delta(ax, x, rows, **kwargs) -> None:
+    """delta in % with its 95% interval as error bars, for rows of an arrow table."""
+    d, lo, hi = rows.delta.to_numpy(), rows.lo.to_numpy(), rows.hi.to_numpy()
+    ax.errorbar(x, 100 * d, yerr=[100 * (d - lo), 100 * (hi - d)], **kwargs)

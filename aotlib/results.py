@@ -99,29 +99,6 @@ def claim(cfg: TrainConfig, scale: str) -> Iterator[bool]:
     yield False
 
 
-def summarize(results: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per result: the config fields figures group by, and the final loss."""
-    rows = []
-    for r in results:
-        c = r["config"]
-        rows.append(
-            {
-                "arch": c["model"]["arch"],
-                "corpus": c["data"]["corpus"],
-                "lang": c["data"]["lang"],
-                "context": c["data"]["context"],
-                "direction": c["direction"],
-                "seed": c["seed"],
-                "steps": c["steps"],
-                "n_params": r["n_params"],
-                "n_params_non_embedding": r["n_params_non_embedding"],
-                "val_loss": r["final_val_loss"],
-                "key": r["key"],
-            }
-        )
-    return pd.DataFrame(rows)
-
-
 def arrow_table(runs: list[TrainConfig], results: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per (forward, backward) pair of a grid: config fields, losses, delta, CI.
 
