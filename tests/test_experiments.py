@@ -25,8 +25,13 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def counting_train(calls: list):
-    return lambda cfg, run_dir, progress: calls.append(cfg) or fake_result(cfg)
+@pytest.fixture()
+def calls(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Replace training by a fake that records the configs it was asked to train."""
+    seen: list = []
+    fake = lambda cfg, run_dir, progress: seen.append(cfg) or fake_result(cfg)
+    monkeypatch.setattr(results_mod, "train", fake)
+    return seen
 
 
 def fake_result(cfg: TrainConfig, loss: float = 2.0) -> dict:
@@ -64,10 +69,8 @@ def test_config_round_trips_through_json() -> None:
         assert back == cfg and back.key() == cfg.key()
 
 
-def test_result_store_trains_once_then_loads(store: Path, monkeypatch) -> None:
+def test_result_store_trains_once_then_loads(store: Path, calls: list, monkeypatch) -> None:
     cfg = synthetic_config("smoke", "primes")
-    calls = []
-    monkeypatch.setattr(results_mod, "train", counting_train(calls))
     first = get_result(cfg, "smoke")
     second = get_result(cfg, "smoke")
     assert len(calls) == 1 and first == second
@@ -75,10 +78,8 @@ def test_result_store_trains_once_then_loads(store: Path, monkeypatch) -> None:
     assert len(calls) == 2
 
 
-def test_damaged_result_is_retrained(store: Path, monkeypatch) -> None:
+def test_damaged_result_is_retrained(store: Path, calls: list, monkeypatch) -> None:
     cfg = synthetic_config("smoke", "primes")
-    calls = []
-    monkeypatch.setattr(results_mod, "train", counting_train(calls))
     get_result(cfg, "smoke")
     path = result_path(cfg, "smoke")
     path.write_text(path.read_text().replace('"final_val_loss": 2.0', '"final_val_loss": 1.0'))
@@ -86,10 +87,8 @@ def test_damaged_result_is_retrained(store: Path, monkeypatch) -> None:
     assert len(calls) == 2
 
 
-def test_fresh_retrains_each_config_once(store: Path, monkeypatch) -> None:
+def test_fresh_retrains_each_config_once(store: Path, calls: list, monkeypatch) -> None:
     cfg = synthetic_config("smoke", "primes")
-    calls = []
-    monkeypatch.setattr(results_mod, "train", counting_train(calls))
     get_result(cfg, "smoke")
     monkeypatch.setenv("AOTLIB_FRESH", "1")
     get_result(cfg, "smoke")
