@@ -458,7 +458,13 @@ def diagonal_blocks(
     M = torch.mul(M, CB.unsqueeze(-3), out=None if out is None else M).view(L.shape)
     if D is not None:
         M.diagonal(dim1=-2, dim2=-1).add_(D[:, None])
-    return _matmul(M, x_h, out)
+    if out is None:
+        return M @ x_h
+    # x_h may be a transposed view of x (..., Q, h, p): BLAS reads its rows of p numbers
+    # with a stride of h p, one batched matmul per chunk, so x is never copied heads-first.
+    for M_k, x_k, out_k in zip(M, x_h, out):  # out (k, h, Q, p): one leading dim
+        torch.bmm(M_k, x_k, out=out_k)
+    return out
 
 
 def chunk_state(
@@ -658,10 +664,9 @@ def _chunked_in_blocks(
         return torch.cat([y for y, _ in parts]), torch.cat([S for _, S in parts])
     k = max(1, min(c, fit))
     y = x.new_empty(b, l, h, p)
-    L_buf, x_h_buf, y_diag_buf, u_buf, CB_buf, B_buf, U_t, V, sums, slots = _scratch(
+    L_buf, y_diag_buf, u_buf, CB_buf, B_buf, U_t, V, sums, slots = _scratch(
         x,
         (k, h, Q, Q),
-        (k, h, Q, p),
         (k, h, Q, p),
         (k, Q, h, p),
         (k, g, Q, Q),
@@ -688,7 +693,7 @@ def _chunked_in_blocks(
             d = dec.block(i, k0, k1)
             L = decay_matrix(d, out=L_buf[:kb], work=tuple(w[:kb] for w in work))
             chunk_state(xb, d.to_end, B_t, out=slots[1 : kb + 1], work=u_buf[:kb])
-            x_h = x_h_buf[:kb].copy_(xb.transpose(1, 2))  # (kb, h, Q, p)
+            x_h = xb.transpose(1, 2)  # (kb, h, Q, p), a view
             CB = _matmul(C_c, B_t, CB_buf[:kb])  # (kb, g, Q, Q)
             y_diag = diagonal_blocks(x_h, L, CB, D, out=y_diag_buf[:kb])  # L becomes M
             state_passing(slots[1 : kb + 1], d.whole, slots[0], out=slots[: kb + 1])
