@@ -140,9 +140,9 @@ def synthetic_config(
 
 # The cpu grid holds what this machine has trained so far (about 15 CPU-minutes per
 # run); adding languages, seeds or the control here adds runs and keeps the stored ones.
-LANGUAGES = {"smoke": ["fr", "en"], "cpu": ["fr", "en"], "paper": ["en", "fr", "de"]}
-SEEDS = {"smoke": [0], "cpu": [0], "paper": [0]}
-TOKENIZER_CONTROL = {"smoke": True, "cpu": False, "paper": True}
+LANGUAGES = {"smoke": ["fr", "en"], "cpu": ["fr", "en", "de"], "paper": ["en", "fr", "de"]}
+SEEDS = {"smoke": [0], "cpu": [0, 1], "paper": [0]}
+TOKENIZER_CONTROL = {"smoke": True, "cpu": True, "paper": True}
 SIZES_FOR_ARCH = {
     "smoke": {"gpt": ["xs"], "lstm": ["xs"]},
     "cpu": {a: ["xs", "s", "m", "l"] for a in ("gpt", "lstm", "gru", "mamba2")},
@@ -155,17 +155,20 @@ LINEAR_KS = {"smoke": [0, 6], "cpu": [0, 4, 16, 40], "paper": [0, 2, 4, 8, 16, 3
 def languages_grid(scale: str) -> list[TrainConfig]:
     """Notebook 03: both directions per language and seed, and the tokenizer control.
 
-    Ordered by priority (French and English, then the control, then the others; seed
-    by seed), so that `python -m aotlib grid languages` fills the figure's core first.
+    Ordered by priority (French and English for every seed, then the control, then the
+    other languages), so that `python -m aotlib grid languages` fills the figure's core
+    first.
     """
+    langs, seeds = LANGUAGES[scale], SEEDS[scale]
     runs = []
-    for seed in SEEDS[scale]:
-        langs = LANGUAGES[scale]
+    for seed in seeds:
         for lang in langs[:2]:
             runs += both_directions(lm_config(scale, lang=lang, seed=seed))
-        if TOKENIZER_CONTROL[scale]:
+    if TOKENIZER_CONTROL[scale]:
+        for seed in seeds:
             rev = lm_config(scale, lang="fr", seed=seed, tokenizer="bpe-reversed")
             runs += both_directions(rev)
+    for seed in seeds:
         for lang in langs[2:]:
             runs += both_directions(lm_config(scale, lang=lang, seed=seed))
     return runs

@@ -11,7 +11,14 @@ import torch
 
 import aotlib.results as results_mod
 from aotlib.__main__ import main
-from aotlib.experiments import GRIDS, both_directions, lm_config, synthetic_config
+from aotlib.experiments import (
+    GRIDS,
+    SEEDS,
+    both_directions,
+    languages_grid,
+    lm_config,
+    synthetic_config,
+)
 from aotlib.models import build_model, count_parameters
 from aotlib.results import arrow_table, get_result, result_path
 from aotlib.train import TrainConfig
@@ -61,6 +68,17 @@ def test_every_grid_pairs_forward_with_backward() -> None:
                 assert (fw.direction, bw.direction) == ("forward", "backward")
                 assert replace(fw, direction="backward") == bw
             assert len({r.key() for r in runs}) == len(runs), f"duplicate runs in {name}"
+
+
+def test_languages_grid_puts_french_and_english_first() -> None:
+    # `grid languages` trains in list order: every seed of FR and EN before the extras
+    runs = languages_grid("cpu")
+    core = [(r.data.lang, r.data.tokenizer) for r in runs[: 4 * len(SEEDS["cpu"])]]
+    assert set(core) == {("fr", "bpe"), ("en", "bpe")}
+    rest = runs[4 * len(SEEDS["cpu"]) :]
+    assert rest and all(
+        r.data.tokenizer == "bpe-reversed" or r.data.lang not in ("fr", "en") for r in rest
+    )
 
 
 def test_config_round_trips_through_json() -> None:
