@@ -149,9 +149,10 @@ SIZES_FOR_ARCH = {
     "cpu": {a: ["xs", "s", "m", "l"] for a in ("gpt", "lstm", "gru", "mamba2")},
     "paper": {"gpt": ["nano", "small", "medium"], "lstm": ["small", "medium", "large"]},
 }
-# The size and context grids' short runs (150 steps at the cpu scale, 1-10 CPU-minutes
-# each) vary from seed to seed more than a bootstrap over validation windows shows, so
-# they have two seeds.
+# The size and context grids' short runs (1-10 CPU-minutes each at the cpu scale; the
+# paper scale keeps its preset's steps) vary from seed to seed more than a bootstrap over
+# validation windows shows, so they have two seeds.
+SHORT_RUN_STEPS = {"smoke": {"steps": 30}, "cpu": {"steps": 150}, "paper": {}}
 SHORT_RUN_SEEDS = {"smoke": [0], "cpu": [0, 1], "paper": [0]}
 CONTEXTS = {"smoke": [16, 32], "cpu": [16, 32, 64, 128, 256, 512], "paper": [16, 64, 256, 512]}
 LINEAR_KS = {"smoke": [0, 6], "cpu": [0, 4, 16, 40], "paper": [0, 2, 4, 8, 16, 32, 50]}
@@ -181,8 +182,7 @@ def languages_grid(scale: str) -> list[TrainConfig]:
 
 def size_grid(scale: str) -> list[TrainConfig]:
     """Notebook 04: both directions for each architecture and size (French)."""
-    steps = {"smoke": 30, "cpu": 150, "paper": None}[scale]
-    over = {"steps": steps} if steps else {}
+    over = SHORT_RUN_STEPS[scale]
     runs = []
     for seed in SHORT_RUN_SEEDS[scale]:
         for arch, sizes in SIZES_FOR_ARCH[scale].items():
@@ -196,14 +196,12 @@ def context_grid(scale: str) -> list[TrainConfig]:
     """Notebook 05: both directions per context length at a fixed token budget per step."""
     base = LM_PRESETS[scale]
     tokens_per_step = base["batch_size"] * base["context"]
-    steps = {"smoke": 30, "cpu": 150, "paper": None}[scale]
     runs = []
     for seed in SHORT_RUN_SEEDS[scale]:
         for lang in LANGUAGES[scale][:2]:
             for context in CONTEXTS[scale]:
-                over = dict(batch_size=max(1, tokens_per_step // context), seed=seed)
-                if steps:
-                    over["steps"] = steps
+                batch = max(1, tokens_per_step // context)
+                over = dict(SHORT_RUN_STEPS[scale], batch_size=batch, seed=seed)
                 runs += both_directions(lm_config(scale, lang=lang, context=context, **over))
     return runs
 

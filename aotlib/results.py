@@ -52,6 +52,11 @@ def load_result(cfg: TrainConfig, scale: str) -> dict[str, Any] | None:
     return result if result.get("key") == cfg.key() else None
 
 
+def checkpoint_dir(cfg: TrainConfig, scale: str) -> Path:
+    """Where a run's checkpoint (and its claim lock) live: the cache, not results/."""
+    return cache_dir() / "runs" / scale / cfg.key()
+
+
 def get_result(
     cfg: TrainConfig, scale: str, *, train_missing: bool = True, progress: bool = True
 ) -> dict[str, Any]:
@@ -63,7 +68,7 @@ def get_result(
             return stored
     if not train_missing:
         raise FileNotFoundError(f"no stored result for {result_path(cfg, scale).name}")
-    run_dir = cache_dir() / "runs" / scale / key
+    run_dir = checkpoint_dir(cfg, scale)
     if fresh() and key not in _refreshed:
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     result = _rounded(train(cfg, run_dir, progress=progress))
@@ -76,7 +81,7 @@ def get_result(
 @contextmanager
 def claim(cfg: TrainConfig, scale: str) -> Iterator[bool]:
     """Claim a run for this process (True) unless a live process holds it (False)."""
-    lock = cache_dir() / "runs" / scale / cfg.key() / "claimed.pid"
+    lock = checkpoint_dir(cfg, scale) / "claimed.pid"
     lock.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:

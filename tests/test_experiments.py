@@ -141,3 +141,17 @@ def test_claim_lets_one_process_train_a_run(store: Path) -> None:
             assert first and not second
     with claim(cfg, "smoke") as again:  # released on exit
         assert again
+
+
+def test_seeds_agree_on_sign_needs_two_seeds_and_can_fail() -> None:
+    import pandas as pd
+
+    from aotlib.plotting import seeds_agree_on_sign
+
+    one = pd.DataFrame({"context": [16, 32], "seed": [0, 0], "delta": [0.1, -0.1]})
+    assert seeds_agree_on_sign(one, "context") is None
+    two = pd.DataFrame({"context": [16, 16, 32, 32], "seed": [0, 1, 0, 1],
+                        "delta": [0.1, 0.2, -0.1, -0.3]})  # fmt: skip
+    assert seeds_agree_on_sign(two, "context") is True
+    two.loc[3, "delta"] = 0.3  # the seeds now differ at 32
+    assert seeds_agree_on_sign(two, "context") is False
