@@ -8,6 +8,7 @@ the forward ones reversed), so a paired bootstrap over windows gives its interva
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -67,3 +68,131 @@ def format_arrow_table(table, columns: list[str]) -> str:
     out["delta_%"] = (100 * table.delta).round(2)
     out["CI_%"] = [f"{100 * lo:+.2f} .. {100 * hi:+.2f}" for lo, hi in zip(table.lo, table.hi)]
     return out.to_string(index=False)
+
+
+# ---------------------------------------------------------------------------
+# delta against capability: every evaluation step of a forward/backward pair
+# ---------------------------------------------------------------------------
+# Comparing runs at equal *steps* mixes two things: which direction is learned faster at
+# first, and how hard each direction is for a model of a given skill. Comparing them at
+# equal *forward loss* (the paper's capability axis: a lower loss is a more capable
+# model) separates the two. The periodic evaluations of a run use the first
+# `eval_windows` validation windows, the same windows in both directions (the backward
+# ones reversed), so the delta of each evaluation is paired like the final one.
+
+
+def _config_without_direction(result: dict) -> dict:
+    cfg = dict(result["config"])
+    cfg.pop("direction", None)
+    return cfg
+
+
+def arrow_curve(fw: dict, bw: dict):
+    """delta at every evaluation step of a forward result and its backward twin.
+
+    Returns a DataFrame with one row per evaluation: step, tokens (training tokens seen),
+    L_fw, L_bw (validation losses on the same windows) and delta. Raises ValueError if the
+    two results are not the two directions of one config evaluated at the same steps.
+    """
+    import pandas as pd
+
+    if fw["config"]["direction"] != "forward" or bw["config"]["direction"] != "backward":
+        raise ValueError("need a forward result and a backward result, in that order")
+    a, b = _config_without_direction(fw), _config_without_direction(bw)
+    if a != b:
+        differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        raise ValueError(f"not a forward/backward pair: their configs differ in {differ}")
+    pts_fw = {h["step"]: h["val_loss"] for h in fw["history"] if "val_loss" in h}
+    pts_bw = {h["step"]: h["val_loss"] for h in bw["history"] if "val_loss" in h}
+    if sorted(pts_fw) != sorted(pts_bw) or not pts_fw:
+        raise ValueError(
+            f"the two runs were evaluated at different steps: {sorted(pts_fw)[:5]}... vs "
+            f"{sorted(pts_bw)[:5]}..."
+        )
+    cfg = fw["config"]
+    tokens_per_step = cfg["batch_size"] * cfg["data"]["context"]
+    steps = sorted(pts_fw)
+    return pd.DataFrame(
+        {
+            "step": steps,
+            "tokens": [s * tokens_per_step for s in steps],
+            "L_fw": [pts_fw[s] for s in steps],
+            "L_bw": [pts_bw[s] for s in steps],
+            "delta": [arrow_of_time(pts_fw[s], pts_bw[s]) for s in steps],
+        }
+    )
+
+
+def seed_curves(pairs: Sequence[tuple[dict, dict]]):
+    """The arrow curves of several seeds of one config, and their mean and spread.
+
+    `pairs` holds (forward, backward) results that differ only in seed. Returns a
+    DataFrame with one row per evaluation step: step, tokens, L_fw (mean over seeds),
+    delta (mean over seeds), delta_se (standard error over seeds; 0 for one seed),
+    n_seeds.
+    """
+    import pandas as pd
+
+    if not pairs:
+        raise ValueError("no (forward, backward) pairs given")
+    curves = [arrow_curve(fw, bw) for fw, bw in pairs]
+    base = {k: v for k, v in _config_without_direction(pairs[0][0]).items() if k != "seed"}
+    for fw, _ in pairs[1:]:
+        other = {k: v for k, v in _config_without_direction(fw).items() if k != "seed"}
+        if other != base:
+            raise ValueError("seed_curves needs runs that differ only in their seed")
+    seeds = [fw["config"]["seed"] for fw, _ in pairs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the same seed appears twice: {seeds}")
+    rows = []
+    for step, group in pd.concat(curves).groupby("step"):
+        mean, err = seed_spread(group.delta)
+        rows.append({"step": step, "tokens": group.tokens.iloc[0], "L_fw": group.L_fw.mean(),
+                     "delta": mean, "delta_se": err, "n_seeds": len(group)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def delta_at_loss(curve, losses: Sequence[float]) -> np.ndarray:
+    """delta of an arrow curve interpolated at forward losses `losses` (NaN outside).
+
+    Forward loss falls as training goes on, but not always monotonically: the curve is
+    read in step order up to each point's running minimum, so a loss is matched the first
+    time the run reaches it.
+    """
+    L = np.minimum.accumulate(np.asarray(curve.L_fw, dtype=np.float64))
+    d = np.asarray(curve.delta, dtype=np.float64)
+    keep = np.concatenate([[True], L[1:] < L[:-1]])  # strictly decreasing points
+    L, d = L[keep][::-1], d[keep][::-1]  # increasing in loss, for np.interp
+    x = np.asarray(losses, dtype=np.float64)
+    out = np.interp(x, L, d)
+    out[(x < L[0]) | (x > L[-1])] = np.nan
+    return out
+
+
+def window_noise(
+    fw_window_losses: Sequence[float], bw_window_losses: Sequence[float], n_windows: int
+) -> float:
+    """Standard error of delta measured on `n_windows` validation windows (paired).
+
+    Estimated from per-window losses of one pair: the spread of the per-window
+    difference L_BW - L_FW, divided by sqrt(n_windows) and by the mean loss. It says how
+    much of a single evaluation's delta is window-sampling noise.
+    """
+    fw = np.asarray(fw_window_losses, dtype=np.float64)
+    bw = np.asarray(bw_window_losses, dtype=np.float64)
+    if fw.shape != bw.shape or fw.ndim != 1 or len(fw) < 2 or n_windows < 1:
+        raise ValueError("need two equal-length 1-D sequences of >= 2 losses and n_windows >= 1")
+    mean = (fw.mean() + bw.mean()) / 2
+    return float((bw - fw).std(ddof=1) / np.sqrt(n_windows) / mean)
+
+
+def sign_test(values: Sequence[float]) -> tuple[int, int, float]:
+    """How many of `values` are positive, out of how many non-zero, and the two-sided
+    p-value of that count under "positive and negative equally likely" (exact binomial)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[v != 0]
+    n, k = len(v), int((v > 0).sum())
+    if n == 0:
+        raise ValueError("no non-zero values to test")
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2**n
+    return k, n, min(1.0, 2 * tail)

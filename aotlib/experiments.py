@@ -138,11 +138,18 @@ def synthetic_config(
 # Each notebook's runs, defined once: the notebook reads them, `python -m aotlib grid`
 # trains what is missing (two shards use both cores).
 
-# The cpu grid holds what this machine trained in two sessions (about 8 CPU-minutes per
-# run); adding languages, seeds or the control here adds runs and keeps the stored ones.
-LANGUAGES = {"smoke": ["fr", "en"], "cpu": ["fr", "en", "de"], "paper": ["en", "fr", "de"]}
-SEEDS = {"smoke": [0], "cpu": [0, 1], "paper": [0]}
-EXTRA_SEEDS = {"smoke": [0], "cpu": [0], "paper": [0]}  # the control and languages past FR, EN
+# The language grid: every default language with three seeds at the cpu scale (about 8
+# CPU-minutes per run), the reversed-BPE tokenizer control for French and English with two.
+# Adding languages or seeds here adds runs and keeps the stored ones (a run is keyed by
+# its config, not by its place in a grid).
+LANGUAGES = {
+    "smoke": ["fr", "en"],
+    "cpu": ["fr", "en", "de", "ru", "tr", "ar"],
+    "paper": ["en", "fr", "de"],
+}
+SEEDS = {"smoke": [0], "cpu": [0, 1, 2], "paper": [0]}
+CONTROL_LANGUAGES = {"smoke": ["fr"], "cpu": ["fr", "en"], "paper": ["fr"]}
+CONTROL_SEEDS = {"smoke": [0], "cpu": [0, 1], "paper": [0]}
 TOKENIZER_CONTROL = {"smoke": True, "cpu": True, "paper": True}
 SIZES_FOR_ARCH = {
     "smoke": {"gpt": ["xs"], "lstm": ["xs"]},
@@ -161,22 +168,19 @@ LINEAR_KS = {"smoke": [0, 6], "cpu": [0, 4, 16, 40], "paper": [0, 2, 4, 8, 16, 3
 def languages_grid(scale: str) -> list[TrainConfig]:
     """Notebook 03: both directions per language and seed, and the tokenizer control.
 
-    Ordered by priority (French and English for every seed, then the control, then the
-    other languages), so that `python -m aotlib grid languages` fills the figure's core
-    first.
+    Ordered breadth first (every language's first seed, then every language's second,
+    ...; the control last), so that `python -m aotlib grid languages` stopped at any
+    point leaves the most languages measured.
     """
-    langs, seeds = LANGUAGES[scale], SEEDS[scale]
     runs = []
-    for seed in seeds:
-        for lang in langs[:2]:
+    for seed in SEEDS[scale]:
+        for lang in LANGUAGES[scale]:
             runs += both_directions(lm_config(scale, lang=lang, seed=seed))
     if TOKENIZER_CONTROL[scale]:
-        for seed in EXTRA_SEEDS[scale]:
-            rev = lm_config(scale, lang="fr", seed=seed, tokenizer="bpe-reversed")
-            runs += both_directions(rev)
-    for seed in EXTRA_SEEDS[scale]:
-        for lang in langs[2:]:
-            runs += both_directions(lm_config(scale, lang=lang, seed=seed))
+        for seed in CONTROL_SEEDS[scale]:
+            for lang in CONTROL_LANGUAGES[scale]:
+                rev = lm_config(scale, lang=lang, seed=seed, tokenizer="bpe-reversed")
+                runs += both_directions(rev)
     return runs
 
 

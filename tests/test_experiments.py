@@ -13,6 +13,7 @@ import aotlib.results as results_mod
 from aotlib.__main__ import main
 from aotlib.experiments import (
     GRIDS,
+    LANGUAGES,
     SEEDS,
     both_directions,
     languages_grid,
@@ -70,15 +71,18 @@ def test_every_grid_pairs_forward_with_backward() -> None:
             assert len({r.key() for r in runs}) == len(runs), f"duplicate runs in {name}"
 
 
-def test_languages_grid_puts_french_and_english_first() -> None:
-    # `grid languages` trains in list order: every seed of FR and EN before the extras
+def test_languages_grid_is_breadth_first() -> None:
+    # `grid languages` trains in list order: every language's first seed before any
+    # language's second, and the tokenizer control last
     runs = languages_grid("cpu")
-    core = [(r.data.lang, r.data.tokenizer) for r in runs[: 4 * len(SEEDS["cpu"])]]
-    assert set(core) == {("fr", "bpe"), ("en", "bpe")}
-    rest = runs[4 * len(SEEDS["cpu"]) :]
-    assert rest and all(
-        r.data.tokenizer == "bpe-reversed" or r.data.lang not in ("fr", "en") for r in rest
-    )
+    langs = LANGUAGES["cpu"]
+    first = runs[: 2 * len(langs)]
+    assert [r.data.lang for r in first[::2]] == langs and {r.seed for r in first} == {0}
+    seeds = [r.seed for r in runs if r.data.tokenizer == "bpe"]
+    assert seeds == sorted(seeds)
+    n_control = sum(r.data.tokenizer == "bpe-reversed" for r in runs)
+    assert n_control and all(r.data.tokenizer == "bpe-reversed" for r in runs[-n_control:])
+    assert len(runs) == 2 * len(langs) * len(SEEDS["cpu"]) + n_control
 
 
 def test_config_round_trips_through_json() -> None:
