@@ -4,7 +4,7 @@ Pre-LayerNorm blocks (attention, then a 4x GELU MLP), learned position embedding
 dropout on embeddings, attention weights and both residual branches, a final LayerNorm
 and an LM head tied to the token embedding. Attention is F.scaled_dot_product_attention
 (flash attention on CPU too) except when training with dropout, where the weights are
-materialised so that `aotlib.models.Dropout` can drop them. Init as in GPT-2/nanoGPT: N(0, 0.02)
+materialised so that `aotlib.layers.Dropout` can drop them. Init as in GPT-2/nanoGPT: N(0, 0.02)
 everywhere, residual output projections scaled by 1/sqrt(2 n_layer) so the residual
 stream's variance does not grow with depth.
 
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aotlib.models import Dropout, ModelConfig, check_input, dropout_keep_mask
+from aotlib.layers import Dropout, check_input, dropout_keep_mask
+from aotlib.model_config import ModelConfig
 
 
 def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aotlib.models import Dropout, ModelConfig, check_input
+from aotlib.layers import Dropout, check_input
+from aotlib.model_config import ModelConfig
 from aotlib.ssd import ssd
 
 D_CONV = 4  # width of the short causal convolution (the paper's default)

@@ -57,7 +57,7 @@ embedding size, untied head, final LayerNorm, dropout 0.05). They reproduce the 
 3x512 config (57.8M) and no depth/width of this design lands near 38M, so we keep the
 config. Every arch has a "medium" (the default size of the "paper" scale).
 
-Dropout everywhere is `Dropout` (below), not nn.Dropout: the same distribution with
+Dropout everywhere is `Dropout` (`aotlib.layers`), not nn.Dropout: the same distribution with
 four decisions per random draw, several times cheaper on a CPU. `fused_lm_loss` computes
 the LM head and the cross-entropy in cache-sized blocks (`LinearCrossEntropy`); both
 are CPU speed-ups measured by `python -m aotlib.bench train`.
@@ -65,64 +65,19 @@ are CPU speed-ups measured by `python -m aotlib.bench train`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-ARCHS = ("gpt", "lstm", "gru", "mamba2")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    arch: str = "gpt"  # "gpt" | "lstm" | "gru" | "mamba2"
-    vocab_size: int = 4096
-    context: int = 128  # max input length T (input is [BOS] + T-1 tokens)
-    n_layer: int = 4
-    d_model: int = 128
-    n_head: int = 4  # gpt heads; mamba2 heads = expand * d_model // head_dim
-    dropout: float = 0.1
-    d_state: int = 64  # mamba2 N
-    head_dim: int = 32  # mamba2 P
-    expand: int = 2  # mamba2
-    chunk_size: int = 32  # mamba2 SSD chunk
-    ngroups: int = 1  # mamba2
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        for name in ("vocab_size", "context", "n_layer", "d_model"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.arch == "gpt":
-            if self.n_head < 1 or self.d_model % self.n_head:
-                raise ValueError(
-                    f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
-                )
-        if self.arch == "mamba2":
-            for name in ("d_state", "head_dim", "expand", "chunk_size", "ngroups"):
-                if getattr(self, name) < 1:
-                    raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-            d_inner = self.expand * self.d_model
-            if d_inner % self.head_dim:
-                raise ValueError(
-                    f"expand * d_model ({d_inner}) must be divisible by head_dim ({self.head_dim})"
-                )
-            n_heads = d_inner // self.head_dim
-            if n_heads % self.ngroups:
-                raise ValueError(
-                    f"mamba2 heads ({n_heads} = expand * d_model // head_dim) must be "
-                    f"divisible by ngroups ({self.ngroups})"
-                )
-
-    @property
-    def n_heads_ssm(self) -> int:
-        """Mamba-2 heads: the inner width expand * d_model split into heads of head_dim."""
-        return self.expand * self.d_model // self.head_dim
-
+# The config and the pieces every architecture shares live in their own modules, which
+# gpt.py, rnn.py and mamba2.py import; re-exported here under their old names.
+from aotlib.layers import Dropout as Dropout
+from aotlib.layers import check_input as check_input
+from aotlib.layers import dropout_keep_mask as dropout_keep_mask
+from aotlib.model_config import ARCHS as ARCHS
+from aotlib.model_config import ModelConfig as ModelConfig
 
 _PAPER_LM = dict(vocab_size=50257, context=256)  # Arrows of Time: GPT-2 BPE, context 256
 _PAPER_RNN = dict(_PAPER_LM, dropout=0.05)  # their RNN configs: embedding dropout ~0.05
@@ -232,70 +187,6 @@ def count_parameters(model: nn.Module, non_embedding: bool = True) -> int:
         for p in embedding():
             params.pop(id(p), None)
     return sum(p.numel() for p in params.values())
-
-
-# -------------------------------------------------------------------------------------
-# Pieces shared by the models: input check, dropout
-# -------------------------------------------------------------------------------------
-
-
-def check_input(idx: torch.Tensor, cfg: ModelConfig) -> None:
-    """Shared input check of every model: (B, T) integer ids, 1 <= T <= context."""
-    if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"idx must be a (B, T) integer tensor, got {idx.dtype} {tuple(idx.shape)}")
-    if not 1 <= idx.shape[1] <= cfg.context:
-        raise ValueError(
-            f"input length T={idx.shape[1]} must be in [1, context={cfg.context}]"
-            f" (idx {tuple(idx.shape)})"
-        )
-
-
-def dropout_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A boolean mask shaped like x, each entry True with probability 1 - p (to 2^-15).
-
-    nn.Dropout draws one random number per element, ~10-15 ns each on a CPU, which for
-    the CPU GPT costs about as much as all its matmuls. One 64-bit draw from the same
-    generator (torch's default, so seeding and saved RNG states still apply) holds
-    four 16-bit lanes; keeping 15 uniform bits of each gives four decisions per draw.
-    """
-    n = x.numel()
-    bits = _random_bits(x, (n + 3) // 4)  # (ceil(n/4),) uniform on [0, 2^63)
-    lanes = bits.view(torch.int16)[:n].view(x.shape) & 0x7FFF  # uniform on [0, 2^15)
-    return lanes >= round(p * 32768)
-
-
-# A custom op, so torch.compile treats the draw as one opaque random op (no graph break;
-# the nondeterministic tag stops the compiler from recomputing it for the backward).
-# It takes the tensor being dropped as an input, only so that two draws of the same size
-# are never merged into one by common-subexpression elimination (tested).
-@torch.library.custom_op(
-    "aotlib::random_bits", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
-)
-def _random_bits(like: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.empty(n, dtype=torch.int64, device=like.device).random_()
-
-
-@_random_bits.register_fake
-def _(like: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.empty(n, dtype=torch.int64, device=like.device)
-
-
-class Dropout(nn.Module):
-    """nn.Dropout with `dropout_keep_mask`: same distribution (p rounded to 2^-15), faster."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        # Multiplying by a float mask (not torch.where) makes backward a single product.
-        scale = dropout_keep_mask(x, self.p) * (1.0 / (1.0 - self.p))  # float32: 0 or 1/(1-p)
-        return x * scale.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 # -------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aotlib.models import Dropout, ModelConfig, check_input
+from aotlib.layers import Dropout, check_input
+from aotlib.model_config import ModelConfig
 
 
 class RNNLM(nn.Module):

@@ -55,7 +55,7 @@ if (
 import triton
 import triton.language as tl
 
-from aotlib.ssd import check_ssd_inputs
+from aotlib.ssd_inputs import check_ssd_inputs
 
 # Test hooks. NAN_FILL: allocate every kernel output filled with NaN, so an element a
 # kernel forgot to write fails loudly. MAX_BLOCK: cap on the P and N tile widths (tests
