@@ -656,15 +656,24 @@ def ssd(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The SSD layer's sequence mixing. Returns y (b, l, h, p), or (y, final_state).
 
-    backend: "auto" (Triton for CUDA tensors when `aotlib.ssd_triton` imports, else
-    chunked), "chunked", "scan", "quadratic" or "triton".
+    backend: "auto" (Triton for CUDA tensors in float32, bfloat16 or float16 when
+    `aotlib.ssd_triton` imports, else chunked), "chunked", "scan", "quadratic" or "triton".
+    The chunk size splits the work, not the function: "auto" runs the Triton kernels at the
+    largest chunk they tile (`supported_chunk_size`: 128 for the 130m preset's 256), while
+    "triton" asked by name takes the chunk as given (a power of two <= 128).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _check_chunk_size(chunk_size)
     check_ssd_inputs(x, dt, A, B, C, chunk_size, D, initial_state)
     if backend == "auto":
-        backend = "triton" if x.is_cuda and _triton_available() else "chunked"
+        backend = "chunked"
+        given = [t for t in (x, dt, A, B, C, D, initial_state) if t is not None]
+        low = all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in given)
+        if x.is_cuda and low and _triton_available():
+            from aotlib.ssd_triton import supported_chunk_size
+
+            backend, chunk_size = "triton", supported_chunk_size(chunk_size)
     kw = dict(D=D, initial_state=initial_state, return_final_state=return_final_state)
     if backend == "chunked":
         return ssd_chunked(x, dt, A, B, C, chunk_size, **kw)

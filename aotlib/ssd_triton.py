@@ -23,7 +23,11 @@ taken as a difference of two cumulative sums, which loses ~3 digits in float32 w
 dt*A is large; the decay gradients are likewise sums over their own ranges. All sums
 accumulate in float32 whatever the input dtype; decays cross chunk boundaries only
 through the (P, N) state, so long sequences cannot overflow. Offsets into the big
-tensors are int64. Chunk sizes: powers of two up to 128 (one Q x Q tile on chip).
+tensors are int64. Chunk sizes: powers of two up to 128 (one Q x Q tile on chip); every
+chunk size computes the same function, so `aotlib.ssd.ssd(backend="auto")` runs a chunk
+these kernels cannot tile (the 130m preset's 256) at `supported_chunk_size` of it.
+Every launch is a flat 1-D grid (`_grid`), so no grid axis meets CUDA's 65,535 cap, and
+runs under the device guard of its tensors (`_on_device_of`), as DDP's cuda:1 ranks need.
 
 Where it runs. Triton 3.7 reads TRITON_INTERPRET when `triton` is imported (its own
 `tl.cumsum`, `tl.sum` are built then), so one process is either all-compiled or
@@ -32,13 +36,16 @@ this module sets TRITON_INTERPRET=1 before importing triton: CPU tensors then ru
 through the interpreter (float32 only, slow; used by the tests). With a CUDA device the
 kernels are compiled and want CUDA tensors; CPU tensors raise a ValueError that says to
 set TRITON_INTERPRET=1 (or use `aotlib.ssd.ssd_chunked`). On GPU, float32, bfloat16 and
-float16 inputs are accepted; float32 dots use Triton's default TF32.
+float16 inputs are accepted; dots use TF32, except exact float32 for float16 inputs
+(`EXACT_DOT_DTYPES`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -64,12 +71,21 @@ NAN_FILL: bool = False
 MAX_BLOCK: int = 64
 # Largest chunk: a (Q, Q) float32 tile must stay on chip.
 MAX_CHUNK = 128
+# Inputs whose dots run exact in float32 (tl.dot input_precision "ieee"); the others use
+# TF32 on GPU (the interpreter is exact either way). TF32 keeps a 10-bit significand and
+# rounds the float32 tiles the kernels compute (decay-weighted inputs, states, L o C B^T):
+# beside bfloat16's own 7-bit inputs that is noise, but float16 inputs keep 10 bits, so
+# TF32 doubles their error; the dA gradient, a sum over every step, reached 0.71 of its
+# tolerance in an emulated TF32 run (length 33, chunk 8, 2 groups). Exact dots cost speed
+# on tensor cores; the models train in bfloat16 (autocast), which keeps TF32.
+EXACT_DOT_DTYPES: tuple[torch.dtype, ...] = (torch.float16,)
 
 
 # ---------------------------------------------------------------------------
-# Kernels. Grid axes: chunk c, (batch, head) pair, tile. Tiles are BLOCK_Q (the chunk,
-# padded to >= 16 for tl.dot) by BLOCK_P (head dim) or BLOCK_N (state size); rows past
-# the chunk or the sequence are masked to zero (dt = 0 there, so they decay nothing).
+# Kernels. One flat grid axis: chunk c (fastest), tile, (batch, head) pair. Tiles are
+# BLOCK_Q (the chunk, padded to >= 16 for tl.dot) by BLOCK_P (head dim) or BLOCK_N (state
+# size); rows past the chunk or the sequence are masked to zero (dt = 0 there, so they
+# decay nothing).
 # ---------------------------------------------------------------------------
 
 
@@ -94,6 +110,18 @@ def _decay_to_end(dA, offs_q):
 
 
 @triton.jit
+def _program_ids(nchunks, ntiles):
+    """(chunk, tile, batch x head) of this program in the flat grid, chunk fastest.
+
+    Every launch is one grid axis (see `_grid`): CUDA allows 2^31 - 1 programs on axis 0
+    but only 65,535 on axes 1 and 2, which batch x heads or the number of chunks can pass.
+    """
+    pid = tl.program_id(0)
+    rest = pid // nchunks
+    return (pid % nchunks).to(tl.int64), rest % ntiles, rest // ntiles
+
+
+@triton.jit
 def _chunk_cumsum_kernel(
     dt_ptr,
     A_ptr,
@@ -110,8 +138,7 @@ def _chunk_cumsum_kernel(
     BLOCK_Q: tl.constexpr,
 ):
     """s_t = cumsum of dt*A within the chunk; dA_cumsum (b, h, c, Q). Tile: (BLOCK_Q,)."""
-    pid_bh = tl.program_id(0)
-    pid_c = tl.program_id(1).to(tl.int64)
+    pid_c, _, pid_bh = _program_ids(tl.cdiv(seqlen, chunk_size), 1)
     b = (pid_bh // nheads).to(tl.int64)
     h = pid_bh % nheads
     offs_q = tl.arange(0, BLOCK_Q)
@@ -163,6 +190,7 @@ def _chunk_state_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """states[b, c, h] (P, N) = sum_t w_t u_t v_t^T over the chunk. Tile: (BLOCK_P, BLOCK_N).
 
@@ -171,13 +199,12 @@ def _chunk_state_kernel(
     Backward: u = dy, v = C, w_t = exp(s_t): the gradient the chunk's outputs send to
     the state entering it.
     """
-    pid_c = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1)
-    pid_pn = tl.program_id(2)
+    num_n = tl.cdiv(dstate, BLOCK_N)
+    ntiles = tl.cdiv(headdim, BLOCK_P) * num_n
+    pid_c, pid_pn, pid_bh = _program_ids(tl.cdiv(seqlen, chunk_size), ntiles)
     b = (pid_bh // nheads).to(tl.int64)
     h = pid_bh % nheads
     g = h // heads_per_group
-    num_n = tl.cdiv(dstate, BLOCK_N)
     offs_p = (pid_pn // num_n) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = (pid_pn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_q = tl.arange(0, BLOCK_Q)
@@ -211,7 +238,7 @@ def _chunk_state_kernel(
         mask=row[:, None] & (offs_n[None, :] < dstate),
         other=0.0,
     ).to(tl.float32)  # (BLOCK_Q, BLOCK_N)
-    acc = tl.dot(tl.trans(u * w[:, None]), v)  # (BLOCK_P, BLOCK_N)
+    acc = tl.dot(tl.trans(u * w[:, None]), v, input_precision=DOT)  # (BLOCK_P, BLOCK_N)
     out = (
         states_ptr
         + b * stride_st_b
@@ -255,10 +282,10 @@ def _state_passing_kernel(
     exit states[c] = dH_{c+1}, the gradient of the state leaving chunk c;
     carry_in = gradient of the final state (or 0), carry_out = gradient of the initial one.
     """
-    pid_bh = tl.program_id(0)
+    _, pid_blk, pid_bh = _program_ids(1, tl.cdiv(state_size, BLOCK))
     b = (pid_bh // nheads).to(tl.int64)
     h = pid_bh % nheads
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offs = pid_blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < state_size
     carry_off = b * stride_carry_b + h * stride_carry_h + offs
     if HAS_CARRY_IN:
@@ -326,6 +353,7 @@ def _chunk_scan_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Outputs of one chunk: y = (L o C B^T diag(dt)) x + exp(s) C H_c^T + D x.
 
@@ -333,12 +361,11 @@ def _chunk_scan_kernel(
     are accumulated over the state in BLOCK_N slices. C B^T is recomputed per head
     rather than shared across a group: one kernel fewer, a little more arithmetic.
     """
-    pid_c = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1)
+    pid_c, pid_p, pid_bh = _program_ids(tl.cdiv(seqlen, chunk_size), tl.cdiv(headdim, BLOCK_P))
     b = (pid_bh // nheads).to(tl.int64)
     h = pid_bh % nheads
     g = h // heads_per_group
-    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = tl.arange(0, BLOCK_Q)
     t = pid_c * chunk_size + offs_q
     row = (offs_q < chunk_size) & (t < seqlen)
@@ -366,8 +393,8 @@ def _chunk_scan_kernel(
             other=0.0,
         )  # (BLOCK_P, BLOCK_N)
         c_tile = c_tile.to(tl.float32)
-        cb = tl.dot(c_tile, tl.trans(b_tile.to(tl.float32)), cb)
-        ch = tl.dot(c_tile, tl.trans(h_tile), ch)
+        cb = tl.dot(c_tile, tl.trans(b_tile.to(tl.float32)), cb, input_precision=DOT)
+        ch = tl.dot(c_tile, tl.trans(h_tile), ch, input_precision=DOT)
 
     decay = _decay_matrix(dt * tl.load(A_ptr + h).to(tl.float32), offs_q)
     m = cb * decay * dt[None, :]  # (BLOCK_Q, BLOCK_Q): y_t <- x_u
@@ -380,7 +407,7 @@ def _chunk_scan_kernel(
         mask=row[:, None] & col_p[None, :],
         other=0.0,
     ).to(tl.float32)
-    y = tl.dot(m, x_tile) + tl.exp(tl.minimum(s, 0.0))[:, None] * ch
+    y = tl.dot(m, x_tile, input_precision=DOT) + tl.exp(tl.minimum(s, 0.0))[:, None] * ch
     if HAS_D:
         y += tl.load(D_ptr + h).to(tl.float32) * x_tile
     out = y_ptr + b * stride_x_b + t[:, None] * stride_x_l + h * stride_x_h
@@ -436,6 +463,7 @@ def _chunk_scan_bwd_dx_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """dx for one chunk and P tile, plus this tile's share of the dt and decay gradients.
 
@@ -447,9 +475,7 @@ def _chunk_scan_bwd_dx_kernel(
     C H^T, B dS^T (BLOCK_Q, BLOCK_P) accumulate over BLOCK_N slices. Partial sums are
     written per P tile to ddt_part, d_dA_part (b, h, c, tiles, Q): no atomics.
     """
-    pid_c = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1)
-    pid_p = tl.program_id(2)
+    pid_c, pid_p, pid_bh = _program_ids(tl.cdiv(seqlen, chunk_size), tl.cdiv(headdim, BLOCK_P))
     b = (pid_bh // nheads).to(tl.int64)
     h = pid_bh % nheads
     g = h // heads_per_group
@@ -489,15 +515,17 @@ def _chunk_scan_bwd_dx_kernel(
         mask_pn = col_p[:, None] & col_n[None, :]
         h_tile = tl.load(states_ptr + pn_off, mask=mask_pn, other=0.0)  # (BLOCK_P, BLOCK_N)
         ds_tile = tl.load(dstates_ptr + pn_off, mask=mask_pn, other=0.0)
-        cb = tl.dot(c_tile, tl.trans(b_tile), cb)
-        ch = tl.dot(c_tile, tl.trans(h_tile), ch)
-        bds = tl.dot(b_tile, tl.trans(ds_tile), bds)
+        cb = tl.dot(c_tile, tl.trans(b_tile), cb, input_precision=DOT)
+        ch = tl.dot(c_tile, tl.trans(h_tile), ch, input_precision=DOT)
+        bds = tl.dot(b_tile, tl.trans(ds_tile), bds, input_precision=DOT)
         h_ds += tl.sum(h_tile * ds_tile, axis=1)
 
     dA = dt * tl.load(A_ptr + h).to(tl.float32)
     m = cb * _decay_matrix(dA, offs_q)
     e_last = _decay_to_end(dA, offs_q)
-    r = tl.dot(tl.trans(m), dy_tile) + e_last[:, None] * bds  # (BLOCK_Q, BLOCK_P)
+    r = (
+        tl.dot(tl.trans(m), dy_tile, input_precision=DOT) + e_last[:, None] * bds
+    )  # (BLOCK_Q, BLOCK_P)
     dx = dt[:, None] * r
     if HAS_D:
         dx += tl.load(D_ptr + h).to(tl.float32) * dy_tile
@@ -508,7 +536,9 @@ def _chunk_scan_bwd_dx_kernel(
     # Every term is a sum over its own index range (no difference of long sums).
     after = offs_q[:, None] > offs_q[None, :]  # (k, u): k after u
     # 1. diagonal block: exponent seg[t, u] = sum_{u < k <= t} dA_k, with gradient z[t, u]
-    z = m * dt[None, :] * tl.dot(dy_tile, tl.trans(x_tile))  # (BLOCK_Q, BLOCK_Q)
+    z = (
+        m * dt[None, :] * tl.dot(dy_tile, tl.trans(x_tile), input_precision=DOT)
+    )  # (BLOCK_Q, BLOCK_Q)
     d_dA = tl.sum(tl.where(after, tl.cumsum(z, axis=0, reverse=True), 0.0), axis=1)
     # 2. chunk state: exponent sum_{k > u} dA_k, with gradient k_u
     k_u = dt * e_last * tl.sum(x_tile * bds, axis=1)
@@ -570,6 +600,7 @@ def _chunk_scan_bwd_dbdc_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """dB and dC of one head (summed over a group's heads in PyTorch), one chunk, N tile.
 
@@ -579,12 +610,11 @@ def _chunk_scan_bwd_dbdc_kernel(
     Tiles: dB, dC (BLOCK_Q, BLOCK_N); W (BLOCK_Q, BLOCK_Q) from dy x^T accumulated over
     BLOCK_P slices, as are the state products (x dS, dy H: (BLOCK_Q, BLOCK_N)).
     """
-    pid_c = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1)
+    pid_c, pid_n, pid_bh = _program_ids(tl.cdiv(seqlen, chunk_size), tl.cdiv(dstate, BLOCK_N))
     b = (pid_bh // nheads).to(tl.int64)
     h = pid_bh % nheads
     g = h // heads_per_group
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_q = tl.arange(0, BLOCK_Q)
     t = pid_c * chunk_size + offs_q
     row = (offs_q < chunk_size) & (t < seqlen)
@@ -614,9 +644,9 @@ def _chunk_scan_bwd_dbdc_kernel(
         mask_pn = col_p[:, None] & col_n[None, :]
         h_tile = tl.load(states_ptr + pn_off, mask=mask_pn, other=0.0)  # (BLOCK_P, BLOCK_N)
         ds_tile = tl.load(dstates_ptr + pn_off, mask=mask_pn, other=0.0)
-        dyx = tl.dot(dy_tile, tl.trans(x_tile), dyx)
-        x_ds = tl.dot(x_tile, ds_tile, x_ds)
-        dy_h = tl.dot(dy_tile, h_tile, dy_h)
+        dyx = tl.dot(dy_tile, tl.trans(x_tile), dyx, input_precision=DOT)
+        x_ds = tl.dot(x_tile, ds_tile, x_ds, input_precision=DOT)
+        dy_h = tl.dot(dy_tile, h_tile, dy_h, input_precision=DOT)
 
     w = _decay_matrix(dA, offs_q) * dt[None, :] * dyx  # (BLOCK_Q, BLOCK_Q)
     bc_off = b * stride_bc_b + t[:, None] * stride_bc_l + g * stride_bc_g
@@ -624,8 +654,8 @@ def _chunk_scan_bwd_dbdc_kernel(
     mask_qn = row[:, None] & col_n[None, :]
     c_tile = tl.load(C_ptr + bc_off, mask=mask_qn, other=0.0).to(tl.float32)
     b_tile = tl.load(B_ptr + bc_off, mask=mask_qn, other=0.0).to(tl.float32)
-    db = tl.dot(tl.trans(w), c_tile) + (dt * e_last)[:, None] * x_ds
-    dc = tl.dot(w, b_tile) + tl.exp(tl.minimum(s, 0.0))[:, None] * dy_h
+    db = tl.dot(tl.trans(w), c_tile, input_precision=DOT) + (dt * e_last)[:, None] * x_ds
+    dc = tl.dot(w, b_tile, input_precision=DOT) + tl.exp(tl.minimum(s, 0.0))[:, None] * dy_h
     out = b * stride_dbc_b + t[:, None] * stride_dbc_l + h * stride_dbc_h
     out += offs_n[None, :] * stride_dbc_n
     tl.store(dB_ptr + out, db, mask=mask_qn)
@@ -677,10 +707,28 @@ def _tiles(Q: int, p: int, n: int, kind: str) -> _Tiles:
     return _Tiles(bq, bp, bn, warps, stages)
 
 
+def _grid(*sizes: int) -> tuple[int]:
+    """One flat grid axis of prod(sizes) programs, the first size fastest (`_program_ids`).
+
+    CUDA caps grid axes 1 and 2 at 65,535 programs, axis 0 at 2^31 - 1: batch x heads
+    (e.g. 1024 sequences x 64 heads) or the number of chunks (128K steps at chunk 1) can
+    pass the small cap, so no launch uses axes 1 or 2.
+    """
+    total = math.prod(sizes)
+    if total > 2**31 - 1:
+        raise ValueError(f"{' x '.join(map(str, sizes))} = {total} programs: over CUDA's 2^31 - 1")
+    return (total,)
+
+
+def _dot_precision(*tensors: Tensor) -> str:
+    """tl.dot's input precision for these inputs: "ieee" (exact float32) or "tf32"."""
+    return "ieee" if any(t.dtype in EXACT_DOT_DTYPES for t in tensors) else "tf32"
+
+
 def _chunk_cumsum(dt: Tensor, A: Tensor, Q: int, nchunks: int) -> Tensor:
     b, l, h = dt.shape
     dA_cumsum = _new((b, h, nchunks, Q), torch.float32, dt.device)
-    _chunk_cumsum_kernel[(b * h, nchunks)](
+    _chunk_cumsum_kernel[_grid(nchunks, b * h)](
         dt, A, dA_cumsum, l, h, Q, *dt.stride(), *dA_cumsum.stride()[:3], BLOCK_Q=max(16, Q)
     )
     return dA_cumsum
@@ -694,6 +742,7 @@ def _chunk_state(
     dA_cumsum: Tensor,
     nheads_per_group: int,
     from_end: bool,
+    dot: str,
 ) -> Tensor:
     """(b, c, h, p, n) float32: forward chunk states, or (from_end=False) their gradients."""
     b, l, h, p = u.shape
@@ -701,12 +750,12 @@ def _chunk_state(
     nchunks, Q = dA_cumsum.shape[2:]
     states = _new((b, nchunks, h, p, n), torch.float32, u.device)
     tiles = _tiles(Q, p, n, "state")
-    grid = (nchunks, b * h, triton.cdiv(p, tiles.BLOCK_P) * triton.cdiv(n, tiles.BLOCK_N))
+    grid = _grid(nchunks, triton.cdiv(p, tiles.BLOCK_P) * triton.cdiv(n, tiles.BLOCK_N), b * h)
     _chunk_state_kernel[grid](
         u, v, dt, A, dA_cumsum, states,
         l, h, nheads_per_group, p, n, Q,
         *u.stride(), *v.stride(), *dt.stride(), *dA_cumsum.stride()[:3], *states.stride(),
-        FROM_END=from_end, **tiles._asdict(),
+        FROM_END=from_end, DOT=dot, **tiles._asdict(),
     )  # fmt: skip
     return states
 
@@ -720,7 +769,7 @@ def _state_passing(
     if carry_in is not None:
         carry_in = carry_in.contiguous()
     block = max(16, min(triton.next_power_of_2(p * n), 1024))
-    grid = (b * h, triton.cdiv(p * n, block))
+    grid = _grid(triton.cdiv(p * n, block), b * h)
     _state_passing_kernel[grid](
         states, dA_cumsum, carry_out if carry_in is None else carry_in, carry_out,
         nchunks, h, p * n, dA_cumsum.shape[-1],
@@ -738,7 +787,8 @@ def _forward_states(
     b, l, h, p = x.shape
     nchunks = max(1, triton.cdiv(l, Q))
     dA_cumsum = _chunk_cumsum(dt, A, Q, nchunks)
-    states = _chunk_state(x, B, dt, A, dA_cumsum, h // B.shape[2], from_end=True)
+    dot = _dot_precision(x, B)
+    states = _chunk_state(x, B, dt, A, dA_cumsum, h // B.shape[2], from_end=True, dot=dot)
     final = _state_passing(states, dA_cumsum, initial_state, reverse=False)
     return dA_cumsum, states, final
 
@@ -750,11 +800,11 @@ def _ssd_fwd(x, dt, A, B, C, D, initial_state, Q):
     nchunks = dA_cumsum.shape[2]
     y = _new(x.shape, x.dtype, x.device)
     tiles = _tiles(Q, p, n, "scan")
-    _chunk_scan_kernel[(nchunks, b * h, triton.cdiv(p, tiles.BLOCK_P))](
+    _chunk_scan_kernel[_grid(nchunks, triton.cdiv(p, tiles.BLOCK_P), b * h)](
         x, dt, A, B, C, x if D is None else D, dA_cumsum, states, y,
         l, h, h // B.shape[2], p, n, Q,
         *x.stride(), *dt.stride(), *B.stride(), *dA_cumsum.stride()[:3], *states.stride(),
-        HAS_D=D is not None, **tiles._asdict(),
+        HAS_D=D is not None, DOT=_dot_precision(x, B, C), **tiles._asdict(),
     )  # fmt: skip
     return y, final
 
@@ -765,9 +815,10 @@ def _ssd_bwd(x, dt, A, B, C, D, initial_state, Q, dy, dfinal):
     hg = h // g
     dA_cumsum, states, _ = _forward_states(x, dt, A, B, initial_state, Q)
     nchunks = dA_cumsum.shape[2]
+    dot = _dot_precision(x, B, C, dy)
     # Gradient of each chunk's entering state from its own outputs, then scanned backward:
     # afterwards dstates[c] = dH_{c+1}, and the carry out is the initial state's gradient.
-    dstates = _chunk_state(dy, C, dt, A, dA_cumsum, hg, from_end=False)
+    dstates = _chunk_state(dy, C, dt, A, dA_cumsum, hg, from_end=False, dot=dot)
     dinit = _state_passing(dstates, dA_cumsum, dfinal, reverse=True)
 
     tiles = _tiles(Q, p, n, "bwd")
@@ -775,22 +826,22 @@ def _ssd_bwd(x, dt, A, B, C, D, initial_state, Q, dy, dfinal):
     dx = _new(x.shape, x.dtype, x.device)
     ddt_part = _new((b, h, nchunks, ptiles, Q), torch.float32, x.device)
     d_dA_part = _new((b, h, nchunks, ptiles, Q), torch.float32, x.device)
-    _chunk_scan_bwd_dx_kernel[(nchunks, b * h, ptiles)](
+    _chunk_scan_bwd_dx_kernel[_grid(nchunks, ptiles, b * h)](
         x, dy, dt, A, B, C, x if D is None else D, dA_cumsum, states, dstates,
         dx, ddt_part, d_dA_part,
         l, h, hg, p, n, Q,
         *x.stride(), *dt.stride(), *B.stride(), *dA_cumsum.stride()[:3], *states.stride(),
         *ddt_part.stride()[:4],
-        HAS_D=D is not None, **tiles._asdict(),
+        HAS_D=D is not None, DOT=dot, **tiles._asdict(),
     )  # fmt: skip
     dB_heads = _new((b, l, h, n), torch.float32, x.device)
     dC_heads = _new((b, l, h, n), torch.float32, x.device)
-    _chunk_scan_bwd_dbdc_kernel[(nchunks, b * h, triton.cdiv(n, tiles.BLOCK_N))](
+    _chunk_scan_bwd_dbdc_kernel[_grid(nchunks, triton.cdiv(n, tiles.BLOCK_N), b * h)](
         x, dy, dt, A, B, C, dA_cumsum, states, dstates, dB_heads, dC_heads,
         l, h, hg, p, n, Q,
         *x.stride(), *dt.stride(), *B.stride(), *dA_cumsum.stride()[:3], *states.stride(),
         *dB_heads.stride(),
-        **tiles._asdict(),
+        DOT=dot, **tiles._asdict(),
     )  # fmt: skip
 
     # Cheap reductions in PyTorch (deterministic, unlike atomics in the kernels).
@@ -820,7 +871,8 @@ class _SSDTriton(torch.autograd.Function):
     def backward(ctx, dy, dfinal):
         x, dt, A, B, C, D, initial_state = ctx.saved_tensors
         dy = torch.zeros_like(x) if dy is None else dy.contiguous()
-        grads = _ssd_bwd(x, dt, A, B, C, D, initial_state, ctx.chunk_size, dy, dfinal)
+        with _on_device_of(x):
+            grads = _ssd_bwd(x, dt, A, B, C, D, initial_state, ctx.chunk_size, dy, dfinal)
         dx, ddt, dA, dB, dC, dD, dinit = grads
         dinit = None if initial_state is None else dinit.to(initial_state.dtype)
         dD = None if D is None else dD.to(D.dtype)
@@ -837,6 +889,24 @@ class _SSDTriton(torch.autograd.Function):
 
 
 _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def supported_chunk_size(chunk_size: int) -> int:
+    """The chunk these kernels run in place of `chunk_size`: the largest power of two
+    <= min(chunk_size, MAX_CHUNK). The chunked algorithm's result does not depend on the
+    chunk (chunks only split the work), so this changes rounding, not the function."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return min(MAX_CHUNK, 1 << (chunk_size.bit_length() - 1))
+
+
+def _on_device_of(x: Tensor):
+    """A context in which kernels launch on x's GPU (a no-op on the CPU).
+
+    Triton launches on the current CUDA device, not the tensors' one: under DDP a rank
+    whose tensors live on cuda:1 while cuda:0 is current would pass foreign addresses.
+    """
+    return torch.cuda.device(x.device) if x.is_cuda else nullcontext()
 
 
 def _check_backend(tensors: list[Tensor], chunk_size: int) -> None:
@@ -889,7 +959,8 @@ def ssd_triton(
     """Chunked SSD with Triton kernels, differentiable in every input; see `ssd_chunked`.
 
     x (b, l, h, p), dt (b, l, h), A (h,), B and C (b, l, g, n), D (h,) or None,
-    initial_state (b, h, p, n) or None. Any length l; chunk_size a power of two.
+    initial_state (b, h, p, n) or None. Any length l; chunk_size a power of two <= MAX_CHUNK
+    (`supported_chunk_size` gives the one to use for any other).
     Returns y (b, l, h, p) in x's dtype, and the final state (b, h, p, n) if asked.
     """
     check_ssd_inputs(x, dt, A, B, C, chunk_size, D, initial_state)
@@ -898,5 +969,6 @@ def ssd_triton(
     x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
     D = None if D is None else D.contiguous()
     initial_state = None if initial_state is None else initial_state.contiguous()
-    y, final = _SSDTriton.apply(x, dt, A, B, C, D, initial_state, chunk_size)
+    with _on_device_of(x):
+        y, final = _SSDTriton.apply(x, dt, A, B, C, D, initial_state, chunk_size)
     return (y, final) if return_final_state else y

@@ -2,7 +2,8 @@
 
 Without a GPU the kernels run under Triton's interpreter (aotlib.ssd_triton sets
 TRITON_INTERPRET=1 when there is no CUDA), so shapes here are tiny. The same tests run
-compiled on CUDA in float32, bfloat16 and float16 via tools/gpu_check.py (`make gpu-check`).
+compiled on CUDA in float32, bfloat16 and float16 under `make gpu-check` (tools/gpu_check.py
+runs the checks of aotlib.bench.kernels without pytest, then this file when pytest is there).
 Every kernel buffer is NaN-filled first, so an element a kernel forgets to write fails.
 """
 
@@ -16,7 +17,9 @@ import pytest
 import torch
 
 from aotlib import ssd_triton
-from aotlib.ssd import ssd, ssd_chunked, ssd_scan
+from aotlib.bench import kernels
+from aotlib.bench.kernels import make_inputs, run
+from aotlib.ssd import ssd, ssd_chunked
 from aotlib.ssd_triton import ssd_triton as ssd_tr
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,19 +30,14 @@ interpreted = pytest.mark.skipif(
 )
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA (make gpu-check)")]
 
-# (device, dtype) the kernels run in; the reference is always float64.
+# (device, dtype) the kernels run in; the reference is always float64. Tolerances:
+# aotlib.bench.kernels.TOL (the same checks `make gpu-check` runs without pytest).
 RUNS = [
     pytest.param("cpu", torch.float32, marks=interpreted, id="interp-f32"),
     pytest.param("cuda", torch.float32, marks=gpu, id="cuda-f32"),
     pytest.param("cuda", torch.bfloat16, marks=gpu, id="cuda-bf16"),
     pytest.param("cuda", torch.float16, marks=gpu, id="cuda-f16"),
 ]
-# Max error relative to the reference's largest entry. The interpreter's fp32 dot is
-# exact fp32; on GPU fp32 dots use TF32 (10-bit mantissa), and bf16/fp16 round inputs,
-# outputs and gradients.
-TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-TOL_TF32 = 1e-2
-GRADS = ("x", "dt", "A", "B", "C", "D", "initial_state")
 
 
 @pytest.fixture(autouse=True)
@@ -47,77 +45,10 @@ def nan_filled_buffers(monkeypatch):
     monkeypatch.setattr(ssd_triton, "NAN_FILL", True)
 
 
-def make_inputs(b, l, h, p, g, n, seed=0, with_d=True, with_init=True, dt_range=(1e-3, 1.0)):
-    """Float64 inputs on the CPU: dt log-uniform in dt_range, A < 0."""
-    gen = torch.Generator().manual_seed(seed)
-    lo, hi = torch.tensor(dt_range, dtype=torch.float64).log()
-    dt = (lo + (hi - lo) * torch.rand(b, l, h, generator=gen, dtype=torch.float64)).exp()
-    return {
-        "x": torch.randn(b, l, h, p, generator=gen, dtype=torch.float64),
-        "dt": dt,
-        "A": -(0.2 + 2 * torch.rand(h, generator=gen, dtype=torch.float64)),
-        "B": torch.randn(b, l, g, n, generator=gen, dtype=torch.float64),
-        "C": torch.randn(b, l, g, n, generator=gen, dtype=torch.float64),
-        "D": torch.randn(h, generator=gen, dtype=torch.float64) if with_d else None,
-        "initial_state": (
-            torch.randn(b, h, p, n, generator=gen, dtype=torch.float64) if with_init else None
-        ),
-    }
-
-
-def run(fn, inputs, chunk_size, dy, dfinal):
-    """Forward and backward through fn; returns {name: tensor} of outputs and gradients."""
-    leaves = {k: None if v is None else v.detach().requires_grad_() for k, v in inputs.items()}
-    args = [leaves[k] for k in ("x", "dt", "A", "B", "C")]
-    kw = {"D": leaves["D"], "initial_state": leaves["initial_state"]}
-    if fn is not ssd_scan:
-        kw["chunk_size"] = chunk_size
-    y, final = fn(*args, **kw, return_final_state=True)
-    loss = 0
-    if dy is not None:
-        loss = loss + (y.float() * dy.float()).sum()
-    if dfinal is not None:
-        loss = loss + (final.float() * dfinal.float()).sum()
-    loss.backward()
-    out = {"y": y.detach(), "final_state": final.detach()}
-    # A gradient the reference leaves as None (C when only the final state is used) is 0.
-    out |= {
-        k: torch.zeros_like(v) if v.grad is None else v.grad
-        for k, v in leaves.items()
-        if v is not None
-    }
-    return out
-
-
 def check_against_reference(shape, chunk_size, device, dtype, seed=0, use="both", **opts):
-    b, l, h, p, g, n = shape
-    inputs = make_inputs(b, l, h, p, g, n, seed=seed, **opts)
-    gen = torch.Generator().manual_seed(seed + 1)
-    dy = torch.randn(b, l, h, p, generator=gen, dtype=torch.float64) if use != "final" else None
-    dfinal = torch.randn(b, h, p, n, generator=gen, dtype=torch.float64) if use != "y" else None
-
-    def cast(t):
-        return None if t is None else t.to(device=device, dtype=dtype)
-
-    low = {k: cast(v) for k, v in inputs.items()}
-    got = run(ssd_tr, low, chunk_size, cast(dy), cast(dfinal))
-    # The reference sees exactly the (rounded) values the kernels saw, in float64.
-    ref_inputs = {k: None if v is None else v.double() for k, v in low.items()}
-    ref_dy, ref_dfinal = [None if t is None else cast(t).double() for t in (dy, dfinal)]
-    reference = ssd_scan if l <= 64 else ssd_chunked
-    ref = run(reference, ref_inputs, chunk_size, ref_dy, ref_dfinal)
-
-    tol = TOL_TF32 if (device == "cuda" and dtype == torch.float32) else TOL[dtype]
-    failures = []
-    for name in ref:
-        assert got[name].dtype == low.get(name, low["x"]).dtype, name
-        err = (got[name].double() - ref[name]).abs()
-        scale = ref[name].abs().max().clamp_min(1e-30) if ref[name].numel() else 1.0
-        max_err = float(err.max() / scale) if err.numel() else 0.0
-        mean_err = float(err.mean() / scale) if err.numel() else 0.0
-        print(f"{name:>13}: max err {max_err:.2e}  mean err {mean_err:.2e}  (tol {tol:.0e})")
-        if not max_err <= tol:  # also catches NaN
-            failures.append(f"{name} max rel err {max_err:.2e} > {tol:.0e}")
+    errors = kernels.check_against_reference(shape, chunk_size, device, dtype, seed, use, **opts)
+    print(kernels.format_errors(errors))
+    failures = [f"{e.tensor} max rel err {e.max_err:.2e} > {e.tol:.0e}" for e in errors if not e.ok]
     assert not failures, "; ".join(failures)
 
 
@@ -255,3 +186,172 @@ def test_kernels_compile_for_sm90():
     print(done.stdout[-3000:], done.stderr[-3000:])
     assert done.returncode == 0
     assert "compile-only: 0 failure(s)" in done.stdout
+
+
+# ---------------------------------------------------------------------------
+# What the first CUDA run would hit: chunk 256, launch limits, devices, dot precision.
+# Mocks stand in for CUDA where the decision is the point; the interpreter runs the math.
+# ---------------------------------------------------------------------------
+
+
+class CudaLooking(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: how `ssd(backend="auto")` decides, on a CPU."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def _plain(t):
+    return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t
+
+
+@pytest.fixture
+def auto_on_cuda(monkeypatch):
+    """`ssd(backend="auto")` given a CUDA-looking x, with the Triton call recorded and
+    run by the interpreter on the plain CPU tensors; yields the chunk sizes it ran."""
+    if not ssd_triton.INTERPRETED:
+        pytest.skip("CUDA present: `make gpu-check` runs the auto path for real")
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(args[5])
+        return ssd_tr(*map(_plain, args), **{k: _plain(v) for k, v in kw.items()})
+
+    monkeypatch.setattr(ssd_triton, "ssd_triton", spy)
+    yield seen
+
+
+def auto_with_cuda_x(x, dt, A, B, C, chunk_size, **kw):
+    return ssd(x.as_subclass(CudaLooking), dt, A, B, C, chunk_size, **kw, backend="auto")
+
+
+@pytest.mark.parametrize("chunk_size, runs_at", [(256, 128), (48, 32), (64, 64)])
+def test_auto_path_runs_an_unsupported_chunk_as_a_supported_one(auto_on_cuda, chunk_size, runs_at):
+    """The 130m preset's chunk 256 on CUDA: the Triton kernels (at most 128) run at 128,
+    and the result, outputs and every gradient, is the reference's at chunk 256."""
+    check_against_reference((1, 300, 2, 8, 1, 8), chunk_size, "cpu", torch.float32,
+                            fn=auto_with_cuda_x)  # fmt: skip
+    assert set(auto_on_cuda) == {runs_at}
+
+
+def test_auto_path_keeps_float64_on_the_chunked_path(auto_on_cuda):
+    inputs = make_inputs(1, 10, 2, 4, 1, 4)
+    args = [inputs[k] for k in ("x", "dt", "A", "B", "C")]
+    y = auto_with_cuda_x(*args, 256)
+    assert auto_on_cuda == []  # the kernels take float32, bfloat16, float16 only
+    torch.testing.assert_close(_plain(y), ssd_chunked(*args, 256))
+
+
+def test_supported_chunk_size():
+    assert [ssd_triton.supported_chunk_size(q) for q in (1, 3, 64, 100, 128, 256, 1000)] == [
+        1, 2, 64, 64, 128, 128, 128,
+    ]  # fmt: skip
+    with pytest.raises(ValueError):
+        ssd_triton.supported_chunk_size(0)
+
+
+KERNELS = [
+    "_chunk_cumsum_kernel",
+    "_chunk_state_kernel",
+    "_state_passing_kernel",
+    "_chunk_scan_kernel",
+    "_chunk_scan_bwd_dx_kernel",
+    "_chunk_scan_bwd_dbdc_kernel",
+]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every kernel launch recorded as (kernel, grid, constexprs, probe()); nothing runs
+    unless a test sets `launches.run`. `launches.probe` is called at each launch."""
+
+    class Log(list):
+        run = False
+        probe = staticmethod(lambda: None)
+
+    log = Log()
+
+    class Recorder:
+        def __init__(self, name):
+            self.name, self.real = name, getattr(ssd_triton, name)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                log.append((self.name, grid, kwargs, log.probe()))
+                if log.run:
+                    self.real[grid](*args, **kwargs)
+
+            return launch
+
+    for name in KERNELS:
+        monkeypatch.setattr(ssd_triton, name, Recorder(name))
+    return log
+
+
+def _fwd_bwd(b, l, h, p, g, n, chunk, dtype=torch.float32):
+    """Run the forward and backward launchers directly (any dtype: no kernel runs)."""
+    inputs = make_inputs(b, l, h, p, g, n, with_init=False)
+    x, dt, A, B, C, D = (inputs[k].to(dtype) for k in ("x", "dt", "A", "B", "C", "D"))
+    ssd_triton._ssd_fwd(x, dt, A, B, C, D, None, chunk)
+    ssd_triton._ssd_bwd(x, dt, A, B, C, D, None, chunk, torch.ones_like(x), None)
+
+
+@pytest.mark.parametrize(
+    "shape, chunk",
+    [((2, 3, 35_000, 4, 1, 4), 2), ((1, 70_000, 1, 4, 1, 4), 1)],
+    ids=["batch-x-heads-70000", "chunks-70000"],
+)
+def test_launch_grids_stay_within_cuda_limits(launches, monkeypatch, shape, chunk):
+    """Batch x heads = 70,000 or 70,000 chunks: more programs than a CUDA grid's axis 1 or
+    2 takes (65,535), where the old (chunk, batch x head, tile) grids put them."""
+    monkeypatch.setattr(ssd_triton, "NAN_FILL", False)
+    _fwd_bwd(*shape, chunk)
+    assert {name for name, *_ in launches} == set(KERNELS)
+    for name, grid, *_ in launches:
+        assert len(grid) == 1 and 1 <= grid[0] <= 2**31 - 1, (name, grid)
+    assert max(grid[0] for _, grid, *_ in launches) > 65_535  # would not fit on axis 1 or 2
+    with pytest.raises(ValueError, match="2\\^31"):
+        ssd_triton._grid(2**16, 2**16)
+
+
+@pytest.mark.parametrize(
+    "dtype, precision",
+    [(torch.float16, "ieee"), (torch.bfloat16, "tf32"), (torch.float32, "tf32")],
+)
+def test_float16_runs_exact_dots(launches, monkeypatch, dtype, precision):
+    """Float16 keeps 10 significand bits, as many as TF32: its dots run exact (ieee)."""
+    monkeypatch.setattr(ssd_triton, "NAN_FILL", False)
+    _fwd_bwd(1, 20, 2, 8, 1, 8, 8, dtype)
+    dots = {name: kw["DOT"] for name, _, kw, _ in launches if "DOT" in kw}
+    assert set(dots) == set(KERNELS) - {"_chunk_cumsum_kernel", "_state_passing_kernel"}
+    assert set(dots.values()) == {precision}
+
+
+@interpreted
+def test_kernels_launch_under_the_tensors_device_guard(launches, monkeypatch):
+    """Forward and backward launch inside `_on_device_of(x)` (cuda:1 under DDP)."""
+    launches.run = True
+    inside, guarded = [], []
+
+    class Guard:
+        def __enter__(self):
+            inside.append(True)
+
+        def __exit__(self, *exc):
+            inside.pop()
+
+    monkeypatch.setattr(ssd_triton, "_on_device_of", lambda x: guarded.append(x) or Guard())
+    launches.probe = lambda: bool(inside)
+    check_against_reference((1, 9, 2, 8, 1, 8), 4, "cpu", torch.float32)
+    assert len(guarded) == 2  # forward, backward
+    assert len(launches) >= 9 and all(in_guard for *_, in_guard in launches)
+
+
+def test_device_guard_is_the_tensors_cuda_device(monkeypatch):
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or "guard")
+    x = torch.zeros(2)
+    assert ssd_triton._on_device_of(x) is not None and entered == []  # CPU: a no-op
+    assert ssd_triton._on_device_of(x.as_subclass(CudaLooking)) == "guard"
+    assert entered == [x.device]
