@@ -6,7 +6,9 @@ with exactly the result of an uninterrupted run, because everything random is ei
 derived from (seed, step) (the batches) or saved in the checkpoint (dropout's RNG).
 
 Multi-process training (DDP) is used when launched by torchrun: each rank takes its
-share of the same global batch, so the gradient equals the single-process one.
+share of the same global batch, so the gradient equals the single-process one. With
+CUDA each rank uses its own GPU, cuda:LOCAL_RANK (`rank_device`); only rank 0 writes the
+checkpoint (`is_main_process` says which process should write results).
 """
 
 from __future__ import annotations
@@ -126,6 +128,57 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+def rank_device(device: str | torch.device | None = None) -> torch.device:
+    """The device this process trains on, made the current CUDA device if it is one.
+
+    Default: CUDA when available, else the CPU. A bare "cuda" under torchrun means this
+    rank's own GPU, cuda:LOCAL_RANK: without it every rank would crowd onto cuda:0, and
+    NCCL needs the current device set before the process group starts.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
+def _ddp_options(device: torch.device) -> dict[str, Any]:
+    """DistributedDataParallel's device arguments: one GPU per process, or none (CPU)."""
+    if device.type == "cuda":
+        return {"device_ids": [device.index], "output_device": device.index}
+    return {}
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """Every RNG state dropout draws from: the CPU one and, training on CUDA, the GPU's.
+
+    Under DDP all ranks seed alike and draw alike (equal shares of the batch), so rank
+    0's states, saved in the checkpoint, are every rank's.
+    """
+    state = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def _uses_fused_loss(device: torch.device, world: int) -> bool:
+    """The blocked LM-head loss (`fused_lm_loss`) pays off on the CPU only; on CUDA the
+    plain logits + cross-entropy path is the fast one, and DDP needs the wrapped forward."""
+    return device.type == "cpu" and world == 1
+
+
+def is_main_process() -> bool:
+    """True in a single process and on DDP rank 0: the one process that writes files."""
+    return _dist()[0] == 0
+
+
 def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -172,7 +225,7 @@ def train(
     The result holds the config, the loss history, the final validation loss, the
     per-window and per-position validation losses, parameter counts and provenance.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = rank_device(device)
     _maybe_init_distributed(device)
     rank, world = _dist()
     if cfg.batch_size % world:
@@ -203,14 +256,14 @@ def train(
                 raise CorruptFile(f"{ckpt_path} belongs to another config")
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"])
+            _set_rng_state(state, device)
             step, history, elapsed = state["step"], state["history"], state["elapsed"]
         except (CorruptFile, KeyError, RuntimeError, EOFError) as err:
             # A damaged checkpoint is never trusted: start this run again.
             print(f"ignoring checkpoint ({err}); training from scratch")
     ddp_model = model
     if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, **_ddp_options(device))
 
     provenance = _provenance(device)  # the code as it is when (re)training starts
     kill_at = int(os.environ.get("AOTLIB_KILL_AT_STEP", "-1"))  # for the resume test
@@ -233,9 +286,12 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         with _autocast(device):
-            # One process: the LM head and the loss run fused in blocks (same values,
-            # several times faster on CPU). DDP needs the wrapped forward for its hooks.
-            loss = fused_lm_loss(model, batch) if world == 1 else lm_loss(ddp_model, batch)
+            # One CPU process: the LM head and the loss run fused in blocks (same values,
+            # several times faster there). CUDA and DDP: the plain path (`_uses_fused_loss`).
+            if _uses_fused_loss(device, world):
+                loss = fused_lm_loss(model, batch)
+            else:
+                loss = lm_loss(ddp_model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -262,7 +318,7 @@ def train(
                     "config": cfg.to_dict(),
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
-                    "rng": torch.get_rng_state(),
+                    **_rng_state(device),
                     "step": step,
                     "history": history,
                     "elapsed": elapsed + now - t0,
