@@ -51,16 +51,20 @@ PAPER: dict[str, PaperNumber] = {
     "context_en": PaperNumber(
         (0.07, 0.18, 0.48, 0.84, 0.90, 1.02), "delta % at each context length",
         f"{AOT}: BW/FW loss difference vs context length (GPT-2 medium)", True),
-    # --- model size, English (delta in per mille; the poster's panel)
+    # --- model size, English (delta in per mille; the poster's panel). Each point is
+    # (aotlib size preset of that model, total parameters quoted, delta per mille).
     "size_gpt": PaperNumber(
-        ((4.9e6, -3.0), (55.6e6, 2.0), (405e6, 7.5)), "(total parameters, delta per mille)",
+        (("nano", 4.9e6, -3.0), ("small", 55.6e6, 2.0), ("medium", 405e6, 7.5)),
+        "(preset, total parameters, delta per mille)",
         f"{AOT}: poster, delta vs model size (GPT nano / small / medium)", True,
         "nano has about 83k non-embedding parameters; the rest is the 50257-token embedding"),
     "size_lstm": PaperNumber(
-        ((26e6, -3.0), (38e6, 1.0), (101e6, 1.3)), "(total parameters, delta per mille)",
+        (("small", 26e6, -3.0), ("medium", 38e6, 1.0), ("large", 101e6, 1.3)),
+        "(preset, total parameters, delta per mille)",
         f"{AOT}: poster, delta vs model size (LSTM)", True),
     "size_gru": PaperNumber(
-        ((26e6, -1.0), (56e6, 2.0), (94e6, 3.0)), "(total parameters, delta per mille)",
+        (("small", 26e6, -1.0), ("medium", 56e6, 2.0), ("large", 94e6, 3.0)),
+        "(preset, total parameters, delta per mille)",
         f"{AOT}: poster, delta vs model size (GRU)", True),
     # --- synthetic languages
     "linear_floor_25": PaperNumber(
@@ -82,6 +86,22 @@ def paper_number(name: str) -> PaperNumber:
     if name not in PAPER:
         raise KeyError(f"no paper number {name!r}; known: {', '.join(sorted(PAPER))}")
     return PAPER[name]
+
+
+def size_points(arch: str) -> list[tuple[int, float]]:
+    """The paper's model-size points of `arch` as (non-embedding parameters, delta in %),
+    counting parameters of aotlib's preset of each model (built on the meta device: shapes
+    only), so they share an axis with this project's own sizes."""
+    import torch
+
+    from aotlib.models import build_model, count_parameters, model_config
+
+    points = []
+    for preset, _, permille in paper_number(f"size_{arch}").value:
+        with torch.device("meta"):
+            model = build_model(model_config(arch, preset))
+        points.append((count_parameters(model), permille / 10))
+    return points
 
 
 def verdict(paper_sign: int, mean: float, err: float, z: float = 2.0) -> str:

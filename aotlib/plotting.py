@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import matplotlib.pyplot as plt
 
 from aotlib.paths import figures_dir
+from aotlib.provenance import provenance_line
 
 SCALES = ("smoke", "cpu", "paper")
 
@@ -16,13 +19,51 @@ def check_scale(scale: str) -> str:
     return scale
 
 
-def save_figure(fig: plt.Figure, name: str) -> str:
-    """Save `fig` as figures/<name>.png (or under AOTLIB_FIGURES) and return the file name."""
+def save_figure(
+    fig: plt.Figure, name: str, *, scale: str | None = None, device: str | None = None
+) -> None:
+    """Save `fig` as <name>.png when the notebook pipeline asks for files; else do nothing.
+
+    Files are written only under the folder in `AOTLIB_FIGURES`, which `make figures`
+    (tools/run_notebooks.py) points at a staging folder that it moves into figures/ once
+    the notebook succeeds. A notebook run by hand (JupyterLab, any scale) leaves it unset:
+    the figure still shows inline, and figures/ keeps the committed files, so those
+    change only through `make figures`. Set AOTLIB_FIGURES yourself to keep a copy.
+
+    The saved file carries one line of provenance in small print under the figure:
+    the code version (last commit of aotlib/, with its date), the scale (`scale`, else
+    `AOTLIB_SCALE`, which the pipeline sets) and, for timing figures, `device`. Nothing
+    volatile (no clock time, no Software tag in the PNG): the same code and data give
+    the same bytes, so a second `make figures` leaves git clean. The line is removed
+    again after saving, so the inline figure is the same with or without the pipeline.
+    Returns None, so a call that ends a cell prints nothing.
+    """
     if not name or "/" in name or name.endswith(".png"):
         raise ValueError(f"figure name must be a bare stem like '01_ssd_mask', got {name!r}")
-    path = figures_dir() / f"{name}.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight", metadata={"Software": None})
-    return path.name
+    folder = figures_dir()
+    if folder is None:
+        return
+    line = provenance_line(scale or os.environ.get("AOTLIB_SCALE"), device)
+    stamp = _small_print_below(fig, line)
+    try:
+        fig.savefig(folder / f"{name}.png", dpi=120, bbox_inches="tight", metadata=PNG_METADATA)
+    finally:
+        stamp.remove()
+
+
+# PNG text chunks: matplotlib writes only "Software" (its version) unless told otherwise;
+# None drops it, so upgrading matplotlib alone does not rewrite every figure.
+PNG_METADATA = {"Software": None}
+
+
+def _small_print_below(fig: plt.Figure, text: str):
+    """Add `text` in small grey print under everything already drawn in `fig`."""
+    fig.draw_without_rendering()  # run the layout engine first: it moves the axes
+    box = fig.get_tightbbox()  # inches, all artists (labels, legends outside the axes)
+    w, h = fig.get_size_inches()
+    # In figure fractions (the coordinates bbox_inches="tight" shifts), 0.05 in below.
+    return fig.text(box.x1 / w, (box.y0 - 0.05) / h, text, ha="right", va="top",
+                    fontsize=6, color="0.45")  # fmt: skip
 
 
 def plot_curves(ax, fw: dict, bw: dict, label: str = "", key: str = "val_loss") -> None:
@@ -63,3 +104,31 @@ def seeds_agree_on_sign(rows, by: str) -> bool | None:
     if rows.seed.nunique() < 2:
         return None
     return bool(rows.groupby(by).delta.agg(lambda d: len(set(d > 0)) == 1).all())
+
+
+def plot_delta_vs_loss(ax, pairs, color: str, label: str, x: str = "L_fw"):
+    """delta against the forward validation loss (the capability axis) for the seeds of
+    one config: each seed as a thin line, their mean as a thick line with a band of one
+    standard error over seeds. `pairs` holds (forward, backward) results differing only in
+    seed; x="tokens" plots against training tokens instead. Returns the mean curve.
+
+    With x="L_fw" the axis is inverted, so capability grows to the right; the mean's x is
+    the mean forward loss over seeds at each evaluation step.
+    """
+    from aotlib.arrow import arrow_curve, seed_curves
+
+    for fw, bw in pairs:
+        c = arrow_curve(fw, bw)
+        ax.plot(c[x], 100 * c.delta, "-", color=color, lw=0.7, alpha=0.35)
+    mean = seed_curves(pairs)
+    d, se = 100 * mean.delta, 100 * mean.delta_se
+    n = int(mean.n_seeds.min())
+    ax.plot(mean[x], d, "-", color=color, lw=2, label=f"{label} ({n} seed{'s' * (n > 1)})")
+    if n > 1:
+        ax.fill_between(mean[x], d - se, d + se, color=color, alpha=0.2, lw=0)
+    ax.axhline(0, color="gray", lw=0.8)
+    if x == "L_fw" and not ax.xaxis_inverted():
+        ax.invert_xaxis()
+    xlabel = "forward validation loss (nats/token; capability ->)" if x == "L_fw" else x
+    ax.set(xlabel=xlabel, ylabel="delta [%]")
+    return mean

@@ -136,3 +136,42 @@ def arrow_table(runs: list[TrainConfig], results: list[dict[str, Any]]) -> pd.Da
         row.update(arrow_from_results(results[i], results[i + 1]))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def load_grid(
+    runs: list[TrainConfig], scale: str, *, train_missing: bool, progress: bool = True
+) -> tuple[list[TrainConfig], list[dict[str, Any]], list[str]]:
+    """A grid's (forward, backward) pairs and their results: (runs, results, missing).
+
+    With train_missing, every missing run is trained (resumably) and `missing` is empty.
+    Without it, only pairs whose two results are both stored are returned, in grid order,
+    and `missing` names the result files of the grid not trained yet, so a notebook can
+    draw what is stored and say what is not.
+    """
+    if len(runs) % 2:
+        raise ValueError(f"a grid lists forward/backward pairs, got {len(runs)} runs")
+    kept, results, missing = [], [], []
+    for fw_cfg, bw_cfg in zip(runs[::2], runs[1::2]):
+        pair = [get_result(c, scale, train_missing=train_missing, progress=progress)
+                if train_missing else load_result(c, scale) for c in (fw_cfg, bw_cfg)]  # fmt: skip
+        if all(r is not None for r in pair):
+            kept += [fw_cfg, bw_cfg]
+            results += pair
+        else:
+            missing += [
+                result_path(c, scale).name for c, r in zip((fw_cfg, bw_cfg), pair) if r is None
+            ]
+    return kept, results, missing
+
+
+def group_pairs(
+    runs: list[TrainConfig], results: list[dict[str, Any]], by
+) -> dict[Any, list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """(forward, backward) result pairs of a grid grouped by `by(forward_config)`, in grid
+    order: for example by language, to average a language's seeds."""
+    groups: dict[Any, list] = {}
+    for i in range(0, len(runs), 2):
+        if replace(runs[i], direction="backward") != runs[i + 1]:
+            raise ValueError(f"runs {i} and {i + 1} are not a forward/backward pair")
+        groups.setdefault(by(runs[i]), []).append((results[i], results[i + 1]))
+    return groups

@@ -111,3 +111,26 @@ def test_verdict_needs_two_standard_errors() -> None:
     assert verdict(+1, 0.01, 0.0) == "cannot tell at this scale"  # no error bar: no verdict
     with pytest.raises(ValueError):
         verdict(0, 0.01, 0.001)
+
+
+def test_early_late_measures_the_change_of_delta_over_training() -> None:
+    from aotlib.arrow import early_late
+
+    fw, bw = fake_pair(0.0)
+    bw["history"] = [dict(h, val_loss=h["val_loss"] * g) for h, g in
+                     zip(bw["history"], (1.0, 1.0, 1.02, 1.02))]  # fmt: skip
+    out = early_late([(fw, bw)], frac=0.5)
+    assert out["early"] == 0 and out["late"] == pytest.approx(arrow_of_time(1, 1.02))
+    assert out["change"] == pytest.approx(out["late"]) and out["change_se"] == 0
+    assert out["L_fw_early"] == pytest.approx(4.5) and out["n_seeds"] == 1
+    with pytest.raises(ValueError):
+        early_late([(fw, bw)], frac=0.9)
+
+
+def test_paper_size_points_share_our_parameter_axis() -> None:
+    from aotlib.paper import size_points
+
+    gpt = size_points("gpt")
+    assert 80_000 < gpt[0][0] < 90_000  # GPT nano: about 83k non-embedding parameters
+    assert [d for _, d in gpt] == [-0.3, 0.2, 0.75]  # per mille -> per cent
+    assert all(a[0] < b[0] for a, b in zip(gpt, gpt[1:]))

@@ -159,3 +159,23 @@ def test_seeds_agree_on_sign_needs_two_seeds_and_can_fail() -> None:
     assert seeds_agree_on_sign(two, "context") is True
     two.loc[3, "delta"] = 0.3  # the seeds now differ at 32
     assert seeds_agree_on_sign(two, "context") is False
+
+
+def test_load_grid_without_training_keeps_complete_pairs(store: Path, calls: list) -> None:
+    from aotlib.results import group_pairs, load_grid
+
+    runs = list(both_directions(lm_config("smoke", seed=0)))
+    runs += both_directions(lm_config("smoke", seed=1))
+    get_result(runs[0], "smoke")  # seed 0: forward only
+    get_result(runs[2], "smoke")  # seed 1: both
+    get_result(runs[3], "smoke")
+    kept, results, missing = load_grid(runs, "smoke", train_missing=False)
+    assert kept == runs[2:] and [r["key"] for r in results] == [c.key() for c in runs[2:]]
+    assert missing == [result_path(runs[1], "smoke").name]
+    assert len(calls) == 3  # nothing trained
+    kept, results, missing = load_grid(runs, "smoke", train_missing=True)
+    assert kept == runs and not missing and len(calls) == 4
+    groups = group_pairs(kept, results, lambda c: c.data.lang)
+    assert list(groups) == ["fr"] and len(groups["fr"]) == 2
+    with pytest.raises(ValueError, match="not a forward/backward pair"):
+        group_pairs(kept[1:3], results[1:3], lambda c: c.seed)
