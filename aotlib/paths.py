@@ -12,9 +12,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def figures_dir() -> Path:
-    """Figures go here (`AOTLIB_FIGURES`); the notebook runner points it at a staging folder."""
-    path = Path(os.environ.get("AOTLIB_FIGURES", ROOT / "figures"))
+def figures_dir() -> Path | None:
+    """Where `save_figure` writes: the folder in `AOTLIB_FIGURES`, or None when it is unset.
+
+    Only the notebook pipeline sets it (tools/run_notebooks.py, behind `make figures`, to
+    a staging folder whose files it moves into figures/ when a notebook succeeds; `make
+    nbval` to a temporary folder). A notebook run by hand leaves it unset and writes no
+    file, so the committed figures/ change only through `make figures`.
+    """
+    folder = os.environ.get("AOTLIB_FIGURES", "")
+    if not folder:
+        return None
+    path = Path(folder)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -732,11 +732,20 @@ def random_ssd_inputs(
 
 
 def offdiagonal_singular_values(M: Tensor, split: int) -> Tensor:
-    """Singular values of the block M[..., split:, :split] (rows after, columns before)."""
+    """Singular values of the block M[..., split:, :split] (rows after, columns before).
+
+    Values below the rounding floor eps * max(block rows, columns) * largest (numpy's
+    matrix_rank tolerance) are returned as that floor: they are rounding noise, whose
+    digits change with LAPACK's blocking and thread count, and plotted as they came they
+    made the committed figure differ from machine to machine.
+    """
     l = M.shape[-1]
     if M.dim() < 2 or M.shape[-2] != l or not 0 < split < l:
         raise ValueError(f"need square M (..., l, l) and 0 < split < l, got {_shape(M)}, {split}")
-    return torch.linalg.svdvals(M[..., split:, :split])
+    block = M[..., split:, :split]
+    s = torch.linalg.svdvals(block)  # (..., min(l - split, split)), largest first
+    floor = torch.finfo(s.dtype).eps * max(block.shape[-2:]) * s[..., :1]
+    return torch.maximum(s, floor)
 
 
 def numerical_rank(singular_values: Tensor, rtol: float = 1e-8) -> int:
