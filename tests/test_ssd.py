@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import aotlib.ssd as ssd_mod
+import aotlib.ssd_chunks as ssd_chunks
 from aotlib.ssd import (
     _sub_chunk_length,
     _sub_chunk_segsum,
@@ -67,7 +67,7 @@ PATHS = ["auto", "blocks"]
 def use_path(monkeypatch, path: str, shape) -> None:
     if path == "blocks":
         b, l, h, p, g, n, Q = shape
-        monkeypatch.setattr(ssd_mod, "_BLOCK_ELEMENTS", 2 * h * Q * max(Q, p, n))
+        monkeypatch.setattr(ssd_chunks, "_BLOCK_ELEMENTS", 2 * h * Q * max(Q, p, n))
 
 
 # ---------------------------------------------------------------------------
@@ -215,8 +215,8 @@ def test_three_forms_agree_float32(monkeypatch, shape, path: str) -> None:
 def test_chunked_blocks_and_ragged_tail(monkeypatch, record: bool) -> None:
     # Without autograd the chunked path works a block of chunks at a time; force blocks of
     # one chunk so the state is carried across block boundaries and only the last block
-    # is padded. With autograd it runs all chunks at once whatever the block size.
-    monkeypatch.setattr(ssd_mod, "_BLOCK_ELEMENTS", 1)
+    # is padded. With autograd the training path (aotlib.ssd_grad) runs the same blocks.
+    monkeypatch.setattr(ssd_chunks, "_BLOCK_ELEMENTS", 1)
     inp = make_inputs(2, 203, 4, 3, 2, 5)
     inp["x"].requires_grad_(record)
     out = run_all(inp, 16)
@@ -346,7 +346,7 @@ def test_three_forms_agree_property(b, l, hg, g, p, n, chunk_size, with_D, with_
 @pytest.mark.parametrize("Q,block", [(6, None), (4, 1)], ids=["one_block", "many_blocks"])
 def test_chunked_gradients_match_scan(monkeypatch, Q: int, block: int | None) -> None:
     if block is not None:
-        monkeypatch.setattr(ssd_mod, "_BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(ssd_chunks, "_BLOCK_ELEMENTS", block)
     inp = make_inputs(2, 23, 4, 3, 2, 5)
     names = ["x", "dt", "A", "B", "C", "D", "initial_state"]
     gen = torch.Generator().manual_seed(1)

@@ -1,0 +1,452 @@
+"""The chunked SSD algorithm's pieces: decays, the paper's four steps, the blocked forward.
+
+`aotlib.ssd.ssd_chunked` calls these; `aotlib.ssd_grad` holds their adjoints (the
+training path's backward). Layout as in `aotlib.ssd`: x (b, l, h, p), dt (b, l, h),
+A (h,), B and C (b, l, g, n), D (h,); inside, chunk states are (..., g, n, hg*p).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ---------------------------------------------------------------------------
+# Form 3: the chunked algorithm (the paper's 4 steps)
+#
+# Time is split into c chunks of Q steps, and heads into g groups of hg = h // g, so the
+# matmuls that share B or C across a group's heads see all hg heads as one matrix of
+# width hg * p. Every decay is an exp of a sum of dt * A <= 0 taken over its own stretch of
+# steps (a cumsum from the stretch's start, or a masked sum), never a difference of two
+# longer sums: nothing overflows or cancels, however long the sequence.
+#
+# Inside a chunk the decay matrix L is itself semiseparable. Split the chunk into nI
+# sub-chunks of R steps; for t in sub-chunk I and s in an earlier sub-chunk J,
+#     L[t, s] = (decay from I's start through t) (decay over sub-chunks J+1 .. I-1)
+#               (decay from s to J's end),
+# so L off its diagonal (R x R) blocks is one small matmul U @ V of inner size nI, and only
+# the diagonal blocks need segment sums. Building L then costs about one pass over it,
+# instead of a (Q x Q) segment-sum matmul and an exp of every entry.
+# ---------------------------------------------------------------------------
+
+
+def _sub_chunk_length(Q: int) -> int:
+    """R: the largest divisor of Q up to 2 sqrt(Q) (16 for Q = 64), which keeps both the
+    rank-nI part (nI = Q / R) and the diagonal blocks (Q R entries) small."""
+    return max(r for r in range(1, 2 * math.isqrt(Q) + 1) if Q % r == 0)
+
+
+class ChunkDecays(NamedTuple):
+    """What the chunked path needs from dt and A alone: (b, c, h, ...), small next to x.
+
+    dt (..., Q); dA = dt A (..., Q), each <= 0; from_start (b, c, Q, h): decay from the
+    chunk's start through step t (step 4, time before heads as in y); whole (b, c, h):
+    decay over the whole chunk (step 3); to_end (b, c, Q, h): dt_s times the decay from s
+    to the chunk's end (the chunk-state weights of step 2, row Q-1 of `decay_matrix`).
+    With the chunk cut into nI sub-chunks of R steps: into (..., nI, R): decay from the
+    sub-chunk's start through t; out_dt (..., nI, R): dt_s times the decay from s to the
+    sub-chunk's end; between (..., nI, nI): decay over the whole sub-chunks strictly
+    between J and I, 0 unless J < I (see `decay_matrix`). The backward (`aotlib.ssd_grad`)
+    also needs two decays without the dt factor: out (..., nI, R), like out_dt, and
+    decay_to_end (b, c, Q, h), like to_end.
+    """
+
+    dt: Tensor
+    dA: Tensor
+    from_start: Tensor
+    whole: Tensor
+    to_end: Tensor
+    into: Tensor
+    out_dt: Tensor
+    between: Tensor
+    out: Tensor
+    decay_to_end: Tensor
+
+    def without_dt(self) -> ChunkDecays:
+        """The same decays with dt = 1 where it multiplies (not inside dA): then
+        `decay_matrix` gives L itself, exp(dA_{s+1} + ... + dA_t), instead of L diag(dt)."""
+        return self._replace(dt=torch.ones_like(self.dt), out_dt=self.out)
+
+    def block(self, i: int | slice, k0: int, k1: int) -> ChunkDecays:
+        """Batch element (or elements) i, chunks k0 .. k1 - 1 (views)."""
+        return ChunkDecays(*(t[i, k0:k1] for t in self))
+
+
+def chunk_decays(dt: Tensor, A: Tensor, R: int) -> ChunkDecays:
+    """dt (b, c, Q, h) cut into chunks, A (h,) -> `ChunkDecays` with sub-chunks of R steps.
+
+    Every decay is exp of a sum taken directly over its own steps (`_masked_sums`), or a
+    product of such decays over adjacent stretches.
+    """
+    b, c, Q, h = dt.shape
+    nI = Q // R
+    dt = dt.permute(0, 1, 3, 2).contiguous()  # (b, c, h, Q)
+    dA = dt * A[:, None]  # (b, c, h, Q)
+    # inside each sub-chunk: over its start .. t, and over (s, its end]. (exp only ever
+    # runs on contiguous tensors: on strided ones torch falls back to a scalar loop.)
+    k, t = _steps(R, dt)
+    sums = _masked_sums(dA.view(b, c, h, nI, R), torch.cat([k <= t, k > t], dim=1))
+    total = sums[..., R - 1]  # (b, c, h, nI), each sub-chunk's sum
+    sub = torch.exp(sums)  # (b, c, h, nI, 2R)
+    into = sub[..., :R].contiguous()
+    out = sub[..., R:].contiguous()
+    out_dt = out * dt.view(b, c, h, nI, R)
+    # over whole sub-chunks: those before I, those after J, those strictly between J and I
+    K, I = _steps(nI, dt)  # (nI, 1), (1, nI)
+    K3, I3, J3 = K.view(nI, 1, 1), I.view(1, nI, 1), I.view(1, 1, nI)
+    between_mask = ((J3 < K3) & (K3 < I3)).view(nI, nI * nI)  # (K, (I, J))
+    across = torch.exp(_masked_sums(total, torch.cat([K < I, K > I, between_mask], dim=1)))
+    before, after_all = across[..., :nI], across[..., nI : 2 * nI]  # (b, c, h, nI)
+    lower = (J3 < I3).view(nI, nI).to(dt.dtype)  # an empty sum for J >= I: no decay there
+    between = across[..., 2 * nI :].reshape(b, c, h, nI, nI) * lower  # (..., I, J)
+    # chunk start .. t and (s, chunk end]: the sub-chunk's part times the whole sub-chunks'
+    from_start = (into * before.unsqueeze(-1)).reshape(b, c, h, Q)
+    to_end = (out_dt * after_all.unsqueeze(-1)).reshape(b, c, h, Q)
+    decay_to_end = (out * after_all.unsqueeze(-1)).reshape(b, c, h, Q)
+    from_start = from_start.transpose(-1, -2).contiguous()  # (b, c, Q, h)
+    to_end = to_end.transpose(-1, -2).contiguous()  # (b, c, Q, h)
+    decay_to_end = decay_to_end.transpose(-1, -2).contiguous()  # (b, c, Q, h)
+    whole = from_start[:, :, -1]  # (b, c, h)
+    return ChunkDecays(dt, dA, from_start, whole, to_end, into, out_dt, between, out, decay_to_end)
+
+
+def _steps(T: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices k (T, 1) and t (1, T) for building 0/1 masks [k ... t]."""
+    r = torch.arange(T, device=like.device)
+    return r[:, None], r[None, :]
+
+
+def _masked_sums(x: Tensor, mask: Tensor, out: Tensor | None = None) -> Tensor:
+    """out[..., j] = sum of x[..., k] over the k with mask[k, j]: (..., T) -> (..., M).
+
+    One matmul with a 0/1 matrix, so each entry is summed directly over its own set of
+    steps: no difference of two longer sums, which would cancel in float32.
+    """
+    *lead, T = x.shape
+    mask = mask.to(x.dtype)
+    if out is None:
+        return (x.reshape(-1, T) @ mask).view(*lead, mask.shape[1])
+    torch.mm(x.reshape(-1, T), mask, out=out.view(-1, mask.shape[1]))
+    return out
+
+
+def _sub_chunk_segsum(dA: Tensor, R: int, out: Tensor | None = None) -> Tensor:
+    """Segment sums inside each sub-chunk of R steps: (..., Q) -> (..., Q/R, R, R).
+
+    out[..., t, s] = dA_{s+1} + ... + dA_t for s <= t, 0 above the diagonal: one
+    `_masked_sums` with the mask [s < k <= t] over (k, (t, s)).
+    """
+    *lead, Q = dA.shape
+    k, t = _steps(R, dA)
+    mask = (k.unsqueeze(-1) <= t.unsqueeze(-1)) & (k.unsqueeze(-1) > t)  # (k, t, s)
+    out = None if out is None else out.view(*lead, Q // R, R * R)
+    return _masked_sums(dA.view(*lead, Q // R, R), mask.view(R, R * R), out).view(
+        *lead, Q // R, R, R
+    )
+
+
+def decay_matrix(
+    dec: ChunkDecays, out: Tensor | None = None, work: tuple[Tensor, ...] | None = None
+) -> Tensor:
+    """L diag(dt) for each chunk and head, (..., h, Q, Q): dt_s exp(dA_{s+1} + ... + dA_t)
+    at [t, s], s <= t. Above the diagonal it is 0 except inside the diagonal (R x R)
+    blocks, which hold dt_s there: `diagonal_blocks` masks with the causal C B^T anyway,
+    and masking this (h times larger) matrix as well would cost a pass over it.
+
+    For t in sub-chunk I and s in an earlier sub-chunk J the entry factors as
+    into_t between_IJ out_dt_s, so all of L but the diagonal blocks is U @ V with
+    U[t, J] = into_t between_{I(t) J} and V[J, s] = out_dt_s [s in J]: a matmul of inner
+    size nI. The diagonal blocks (0 in U @ V) are then written from segment sums.
+    `out` (..., h, Q, Q) and `work` (three buffers: U^T and V (..., nI, nI, R), V with
+    zeros off its block diagonal, and one like the diagonal blocks) keep the fast path
+    free of allocations.
+    """
+    *lead, nI, R = dec.into.shape
+    Q = nI * R
+    # U is built transposed, U^T[J, I, t'] with t = I R + t': rows of R numbers, not nI
+    if work is None:
+        U_t = dec.into.unsqueeze(-3) * dec.between.transpose(-1, -2).unsqueeze(-1)
+        eye = torch.eye(nI, dtype=dec.dt.dtype, device=dec.dt.device)
+        V = dec.out_dt.unsqueeze(-3) * eye[:, :, None]  # (..., J, J, s)
+        sums = None
+    else:
+        U_t, V, sums = work
+        torch.mul(dec.into.unsqueeze(-3), dec.between.transpose(-1, -2).unsqueeze(-1), out=U_t)
+        V.diagonal(dim1=-3, dim2=-2).copy_(dec.out_dt.transpose(-1, -2))
+    U = U_t.reshape(*lead, nI, Q).transpose(-1, -2)  # (..., t, J)
+    L = _matmul(U, V.view(*lead, nI, Q), out)  # (..., Q, Q)
+    blocks = L.view(*lead, nI, R, nI, R).diagonal(dim1=-4, dim2=-2)  # (..., R, R, nI)
+    blocks = blocks.movedim(-1, -3)  # (..., nI, R, R)
+    inner = torch.exp_(_sub_chunk_segsum(dec.dA, R, sums))  # (..., nI, R, R)
+    dt = dec.dt.view(*lead, nI, 1, R)  # on column s
+    if out is None:
+        blocks.copy_(inner * dt)  # autograd follows a copy into a view
+    else:
+        torch.mul(inner, dt, out=blocks)
+    return L
+
+
+def _matmul(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """a @ b; with `out` (contiguous) as one batched matmul written straight into it."""
+    if out is None:
+        return a @ b
+    torch.bmm(
+        a.reshape(-1, *a.shape[-2:]),
+        b.reshape(-1, *b.shape[-2:]),
+        out=out.view(-1, *out.shape[-2:]),
+    )
+    return out
+
+
+def diagonal_blocks(
+    x_h: Tensor, L: Tensor, CB: Tensor, D: Tensor | None = None, out: Tensor | None = None
+) -> Tensor:
+    """Step 1: outputs from inputs in the same chunk, Y_diag = (L o C B^T) X (+ D X).
+
+    x_h (..., h, Q, p): x with heads before time (the batched matmul's layout); L
+    (..., h, Q, Q) from `decay_matrix` (dt included); CB (..., g, Q, Q) = C B^T per group;
+    D (h,): the skip connection, added on M's diagonal. Returns (..., h, Q, p), as if every
+    chunk started from a zero state. The causal mask goes on C B^T (h / g times smaller
+    than L). With `out`, M = L o C B^T overwrites L, and CB is masked in place.
+    """
+    *lead, h, Q, _ = L.shape
+    g = CB.shape[-3]
+    CB = CB.tril_() if out is not None else CB.tril()  # the causal mask
+    M = L.view(*lead, g, h // g, Q, Q)
+    M = torch.mul(M, CB.unsqueeze(-3), out=None if out is None else M).view(L.shape)
+    if D is not None:
+        M.diagonal(dim1=-2, dim2=-1).add_(D[:, None])
+    if out is None:
+        return M @ x_h
+    # x_h may be a transposed view of x (..., Q, h, p): BLAS reads its rows of p numbers
+    # with a stride of h p, one batched matmul per chunk, so x is never copied heads-first.
+    for M_k, x_k, out_k in zip(M, x_h, out):  # out (k, h, Q, p): one leading dim
+        torch.bmm(M_k, x_k, out=out_k)
+    return out
+
+
+def chunk_state(
+    x: Tensor, weight: Tensor, B_t: Tensor, out: Tensor | None = None, work: Tensor | None = None
+) -> Tensor:
+    """Step 2: each chunk's final state from its own inputs (zero state coming in).
+
+    state = sum_s weight_s x_s B_s^T over the chunk's steps s, with weight (..., Q, h) =
+    dt_s times the decay from s to the chunk's end (`ChunkDecays.to_end`); x
+    (..., Q, h, p), B_t (..., g, n, Q). Returns (..., g, n, hg*p): the state transposed, all
+    heads of a group side by side. `work` (shaped like x) takes the weighted x.
+    """
+    *lead, Q, h, p = x.shape
+    g = B_t.shape[-3]
+    u = torch.mul(x, weight.unsqueeze(-1), out=work)  # (..., Q, h, p)
+    u = u.reshape(*lead, Q, g, (h // g) * p).transpose(-3, -2)  # (..., g, Q, hg*p)
+    return _matmul(B_t, u, out)
+
+
+def state_passing(
+    states: Tensor, chunk_decay: Tensor, initial_state: Tensor, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Step 3: carry the state across chunks, S_{k+1} = chunk_decay_k S_k + states_k.
+
+    states (..., c, g, n, hg*p) from `chunk_state`, chunk_decay (..., c, h) the decay over
+    each whole chunk, initial_state (..., g, n, hg*p). A loop over chunks, linear in c
+    (the paper's c x c segsum over chunks would be quadratic in length), one fused
+    multiply-add per chunk. Returns the states entering each chunk (..., c, g, n, hg*p)
+    and the state after the last one (..., g, n, hg*p). With `out` (..., c+1, g, n, hg*p),
+    slot k gets the state entering chunk k and slot c the last; `states` may be out's
+    slots 1..c, updated in place.
+    """
+    *lead, c, g, n, hgp = states.shape
+    hg = chunk_decay.shape[-1] // g
+    decays = chunk_decay.reshape(*lead, c, g, 1, hg, 1).unbind(-5)  # broadcast over (n, p)
+    chunks = states.view(*lead, c, g, n, hg, hgp // hg).unbind(-5)
+    if out is None:
+        S = initial_state.reshape(*lead, g, n, hg, hgp // hg)
+        entering = []
+        for s, a in zip(chunks, decays):
+            entering.append(S)
+            S = torch.addcmul(s, a, S)
+        return torch.stack(entering, dim=-5).view(states.shape), S.view(initial_state.shape)
+    slots = out.view(*lead, c + 1, g, n, hg, hgp // hg).unbind(-5)
+    if initial_state.data_ptr() != out.data_ptr():
+        slots[0].copy_(initial_state.view(slots[0].shape))
+    for k, (s, a) in enumerate(zip(chunks, decays)):
+        if s.data_ptr() == slots[k + 1].data_ptr():  # states are out's slots 1..c
+            slots[k + 1].addcmul_(slots[k], a)
+        else:
+            torch.addcmul(s, a, slots[k], out=slots[k + 1])
+    return out.narrow(-4, 0, c), out.select(-4, c)
+
+
+def state_to_output(
+    S: Tensor, from_start: Tensor, C: Tensor, y_diag: Tensor, out: Tensor | None = None
+) -> Tensor:
+    """Step 4: add what the state entering each chunk contributes to that chunk's outputs.
+
+    y_t = y_diag_t + from_start_t S C_t, with from_start (..., Q, h) the decay from the
+    chunk's start through step t. S (..., g, n, hg*p) entering states from
+    `state_passing`, C (..., g, Q, n), y_diag (..., h, Q, p) from `diagonal_blocks`.
+    Returns (..., Q, h, p); with `out` (contiguous, one group) C S is written there and
+    then scaled and added in place: one pass over the output.
+    """
+    *lead, g, n, hgp = S.shape
+    Q, h = from_start.shape[-2:]
+    decay = from_start.unsqueeze(-1)  # (..., Q, h, 1)
+    if out is not None and g == 1:
+        y_off = _matmul(C, S, out.view(*lead, 1, Q, hgp)).view(out.shape)  # (..., Q, h, p)
+        return torch.addcmul(y_diag.transpose(-3, -2), y_off, decay, out=out)
+    y_off = (C @ S).transpose(-3, -2).reshape(*lead, Q, h, hgp * g // h)  # (..., Q, h, p)
+    return torch.addcmul(y_diag.transpose(-3, -2), y_off, decay, out=out)
+
+
+# The inference path works through the sequence a block of chunks at a time, carrying the
+# state between blocks, so every intermediate stays near this many elements (in buffers
+# kept from call to call, see `_scratch`).
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def _chunked_all_at_once(
+    x: Tensor, dec: ChunkDecays, B: Tensor, C: Tensor, D: Tensor | None, S0: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The four steps over all chunks at once, differentiable: y (b, l, h, p), final state."""
+    b, l, h, p = x.shape
+    c, Q = dec.dt.shape[1], dec.dt.shape[-1]
+    g, n = B.shape[2:]
+    pad = (0, 0, 0, 0, 0, c * Q - l)
+    x = F.pad(x, pad).reshape(b, c, Q, h, p)
+    B_t = F.pad(B, pad).reshape(b, c, Q, g, n).permute(0, 1, 3, 4, 2)  # (b, c, g, n, Q)
+    C_c = F.pad(C, pad).reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
+    L = decay_matrix(dec)  # (b, c, h, Q, Q)
+    states = chunk_state(x, dec.to_end, B_t)  # (b, c, g, n, hg*p)
+    y_diag = diagonal_blocks(x.transpose(2, 3), L, C_c @ B_t, D)  # (b, c, h, Q, p)
+    entering, S = state_passing(states, dec.whole, S0)
+    y = state_to_output(entering, dec.from_start, C_c, y_diag)  # (b, c, Q, h, p)
+    return y.reshape(b, c * Q, h, p)[:, :l], S
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(x: Tensor, *shapes: tuple[int, ...]) -> list[Tensor]:
+    """Uninitialised buffers of these shapes, like x, for the inference path.
+
+    On CPU they are carved from one allocation that is kept (per thread, dtype and
+    inference mode) and reused by the next call: the allocator hands big temporaries back
+    to the system, and memory page-faulted in afresh on every call costs about as much as
+    the work done in it. It grows to the largest call seen (about 25 MB for the benchmark's
+    sizes). Elsewhere (CUDA's caching allocator keeps memory anyway) plain allocations.
+    """
+    if x.device.type != "cpu":
+        return [x.new_empty(shape) for shape in shapes]
+    sizes = [-(-math.prod(shape) // 16) * 16 for shape in shapes]  # 64-byte aligned views
+    kept = _SCRATCH.__dict__.setdefault("buffers", {})
+    # an inference tensor may not be written outside inference mode: one buffer per mode
+    key = (x.dtype, torch.is_inference_mode_enabled())
+    flat = kept.get(key)
+    if flat is None or flat.numel() < sum(sizes):
+        flat = kept[key] = x.new_empty(sum(sizes))
+    views, start = [], 0
+    for shape, size in zip(shapes, sizes):
+        views.append(flat[start : start + math.prod(shape)].view(shape))
+        start += size
+    return views
+
+
+def block_plan(b: int, c: int, h: int, Q: int, p: int, n: int) -> tuple[int, int]:
+    """(m, k): a block is m whole sequences (then k = c) or k chunks of one sequence (m = 1),
+    sized so that its largest intermediate, (m k, h, Q, max(Q, p, n)), is near
+    `_BLOCK_ELEMENTS`. Short sequences are grouped: a block per sequence would be tiny."""
+    fit = max(1, _BLOCK_ELEMENTS // (h * Q * max(Q, p, n)))  # chunks per block
+    if c <= fit:
+        return max(1, min(b, fit // c)), c
+    return 1, fit
+
+
+def blocks(b: int, c: int, m: int, k: int) -> list[tuple[int, int, int, int]]:
+    """(i0, i1, k0, k1): sequences i0 .. i1-1, chunks k0 .. k1-1, in the forward's order."""
+    return [
+        (i0, min(i0 + m, b), k0, min(k0 + k, c)) for i0 in range(0, b, m) for k0 in range(0, c, k)
+    ]
+
+
+def chunks_of(t: Tensor, i0: int, i1: int, t0: int, t1: int, kb: int, Q: int) -> Tensor:
+    """t[i0:i1, t0:t1] (b, l, ...) as (i1-i0, kb, Q, ...), zero-padded in time if ragged
+    (only a sequence's last block can be); a view unless padded."""
+    part = t[i0:i1, t0:t1]
+    if t1 - t0 < kb * Q:
+        part = F.pad(part, (0, 0) * (t.dim() - 2) + (0, kb * Q - (t1 - t0)))
+    return part.unflatten(1, (kb, Q))
+
+
+def flat_decays(d: ChunkDecays) -> ChunkDecays:
+    """(m, k, ...) -> (m k, ...): a block's decays with one leading dim (views)."""
+    return ChunkDecays(*(t.flatten(0, 1) for t in d))
+
+
+def _chunked_in_blocks(
+    x: Tensor,
+    dec: ChunkDecays,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    S0: Tensor,
+    states: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The same steps without autograd, a block at a time (`block_plan`): every
+    intermediate in a reused buffer, every output written in place. With `states`
+    (b, c+1, g, n, hg*p), the state entering every chunk and the last state are kept
+    there (the training path's backward reads them); otherwise only a block's."""
+    b, l, h, p = x.shape
+    c, Q, (nI, R) = dec.dt.shape[1], dec.dt.shape[-1], dec.into.shape[-2:]
+    g, n = B.shape[2:]
+    hgp = S0.shape[-1]
+    m, k = block_plan(b, c, h, Q, p, n)
+    K = m * k
+    y = x.new_empty(b, l, h, p)
+    L_buf, y_diag_buf, u_buf, CB_buf, B_buf, U_t, V, sums, own, slot_buf = _scratch(
+        x,
+        (K, h, Q, Q),
+        (K, h, Q, p),
+        (K, Q, h, p),
+        (K, g, Q, Q),
+        (K, g, n, Q),
+        (K, h, nI, nI, R),
+        (K, h, nI, nI, R),
+        (K, h, nI, R, R),
+        (K, g, n, hgp),  # each chunk's own state (step 2)
+        (m, k + 1, g, n, hgp),  # the states entering each chunk, then the last
+    )
+    work = (U_t, V.zero_(), sums)  # V is 0 off its block diagonal
+    S_final = torch.empty_like(S0)
+    slots = slot_buf
+    for i0, i1, k0, k1 in blocks(b, c, m, k):
+        mb, kb = i1 - i0, k1 - k0
+        Kb, t0, t1 = mb * kb, k0 * Q, min(k1 * Q, l)
+        S_in = S0[i0:i1] if k0 == 0 else slots[:, -1]  # (mb, g, n, hg*p)
+        xb = chunks_of(x, i0, i1, t0, t1, kb, Q).flatten(0, 1)  # (Kb, Q, h, p)
+        Bb = chunks_of(B, i0, i1, t0, t1, kb, Q).flatten(0, 1)  # (Kb, Q, g, n)
+        Cb = chunks_of(C, i0, i1, t0, t1, kb, Q).flatten(0, 1)
+        B_t = B_buf[:Kb].copy_(Bb.permute(0, 2, 3, 1))  # (Kb, g, n, Q)
+        C_c = Cb.transpose(1, 2)  # (Kb, g, Q, n)
+        d = dec.block(slice(i0, i1), k0, k1)  # (mb, kb, ...)
+        df = flat_decays(d)  # (Kb, ...)
+        L = decay_matrix(df, out=L_buf[:Kb], work=tuple(w[:Kb] for w in work))
+        chunk_state(xb, df.to_end, B_t, out=own[:Kb], work=u_buf[:Kb])
+        CB = _matmul(C_c, B_t, CB_buf[:Kb])  # (Kb, g, Q, Q)
+        y_diag = diagonal_blocks(xb.transpose(1, 2), L, CB, D, out=y_diag_buf[:Kb])
+        slots = slot_buf[:mb, : kb + 1] if states is None else states[i0:i1, k0 : k1 + 1]
+        state_passing(own[:Kb].view(mb, kb, g, n, hgp), d.whole, S_in, out=slots)
+        S_ent = slots[:, :kb]  # (mb, kb, g, n, hg*p)
+        C_c, y_diag = C_c.unflatten(0, (mb, kb)), y_diag.unflatten(0, (mb, kb))
+        if t1 - t0 == kb * Q:
+            out = y[i0:i1, t0:t1].unflatten(1, (kb, Q))  # (mb, kb, Q, h, p)
+            state_to_output(S_ent, d.from_start, C_c, y_diag, out=out)
+        else:
+            yb = state_to_output(S_ent, d.from_start, C_c, y_diag)
+            y[i0:i1, t0:t1] = yb.flatten(1, 2)[:, : t1 - t0]
+        if k1 == c:
+            S_final[i0:i1] = slots[:, kb]
+    return y, S_final

@@ -1,0 +1,165 @@
+"""The chunked SSD's training path (`aotlib.ssd_grad.ChunkedSSD`): its written-out backward
+gives the gradients of the plain forms.
+
+Every gradient (x, dt, A, B, C, D, the initial state, and what flows in through the final
+state) is compared in float64 with autograd through the step-by-step scan, through the
+quadratic form and through the chunked steps themselves (backward="autograd"), on a grid
+of awkward sizes: groups, ragged lengths, length 1, chunk 1, blocks of one chunk and
+blocks of several whole sequences.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aotlib.ssd_chunks as ssd_chunks
+from aotlib.ssd import random_ssd_inputs, ssd, ssd_chunked, ssd_quadratic, ssd_scan
+
+NAMES = ["x", "dt", "A", "B", "C", "D", "initial_state"]
+
+
+def grads(fn, inp: dict, dy, dh, *args, **kw) -> dict:
+    """Gradients of sum(y dy) + sum(final_state dh) with respect to every given input."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inp.items() if v is not None}
+    y, h = fn(
+        *(leaves[k] for k in NAMES[:5]),
+        *args,
+        D=leaves.get("D"),
+        initial_state=leaves.get("initial_state"),
+        return_final_state=True,
+        **kw,
+    )
+    loss = (y * dy).sum() + (0 if dh is None else (h * dh).sum())
+    names = [k for k in NAMES if k in leaves]
+    return dict(zip(names, torch.autograd.grad(loss, [leaves[k] for k in names])))
+
+
+def cotangents(inp: dict, seed: int = 1, final: bool = True):
+    gen = torch.Generator().manual_seed(seed)
+    x = inp["x"]
+    b, _, h, p = x.shape
+    n = inp["B"].shape[-1]
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype)
+    dh = torch.randn(b, h, p, n, generator=gen, dtype=torch.float64).to(x.dtype)
+    return dy, dh if final else None
+
+
+def assert_grads_close(got: dict, ref: dict, rtol: float) -> None:
+    assert got.keys() == ref.keys()
+    for k in ref:
+        a, b = got[k], ref[k]
+        assert a.shape == b.shape, k
+        err = (a.double() - b.double()).abs().max().item()
+        scale = max(1.0, b.abs().max().item())
+        print(f"{k:14s} max err {err:.2e} (scale {scale:.2e})")
+        assert err <= rtol * scale, (k, err, scale)
+
+
+# (b, l, h, p, g, n, Q): groups, ragged tails, a single step, chunk 1, chunk > l
+SHAPES = [
+    (2, 23, 4, 3, 2, 5, 6),
+    (1, 16, 2, 4, 1, 3, 4),
+    (3, 1, 2, 2, 1, 2, 4),
+    (2, 7, 6, 2, 3, 2, 1),
+    (2, 5, 4, 3, 4, 2, 8),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("with_D", [True, False])
+@pytest.mark.parametrize("with_init", [True, False])
+@pytest.mark.parametrize("final", [True, False], ids=["final_state", "y_only"])
+def test_chunked_backward_matches_scan_float64(shape, with_D, with_init, final) -> None:
+    b, l, h, p, g, n, Q = shape
+    inp = random_ssd_inputs(b, l, h, p, g, n, with_D=with_D, with_initial_state=with_init)
+    dy, dh = cotangents(inp, final=final)
+    ref = grads(ssd_scan, inp, dy, dh)
+    got = grads(ssd_chunked, inp, dy, dh, Q)
+    assert_grads_close(got, ref, 1e-10)
+
+
+# Blocks of one chunk, of several chunks of one sequence, of several whole sequences.
+BLOCKS = {"one_chunk": 1, "three_chunks": 3, "whole_sequences": 40}
+
+
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_chunked_backward_in_blocks(monkeypatch, block: str) -> None:
+    b, l, h, p, g, n, Q = 5, 29, 4, 3, 2, 3, 4
+    monkeypatch.setattr(ssd_chunks, "_BLOCK_ELEMENTS", BLOCKS[block] * h * Q * max(Q, p, n))
+    m, k = ssd_chunks.block_plan(b, -(-l // Q), h, Q, p, n)
+    assert (m > 1) == (block == "whole_sequences") and (k == 1) == (block == "one_chunk")
+    inp = random_ssd_inputs(b, l, h, p, g, n, with_initial_state=True)
+    dy, dh = cotangents(inp)
+    assert_grads_close(grads(ssd_chunked, inp, dy, dh, Q), grads(ssd_scan, inp, dy, dh), 1e-10)
+
+
+def test_chunked_backward_matches_other_forms() -> None:
+    """The quadratic form and autograd through the chunked steps agree with it too."""
+    inp = random_ssd_inputs(2, 37, 4, 5, 2, 6, with_initial_state=True)
+    dy, dh = cotangents(inp)
+    got = grads(ssd_chunked, inp, dy, dh, 8)
+    assert_grads_close(got, grads(ssd_quadratic, inp, dy, dh), 1e-10)
+    assert_grads_close(got, grads(ssd_chunked, inp, dy, dh, 8, backward="autograd"), 1e-10)
+
+
+def test_chunked_backward_is_the_written_out_one() -> None:
+    inp = random_ssd_inputs(1, 9, 2, 2, 1, 2)
+    x = inp["x"].clone().requires_grad_(True)
+    y = ssd_chunked(x, inp["dt"], inp["A"], inp["B"], inp["C"], 4)
+    assert "ChunkedSSD" in type(y.grad_fn).__name__
+    y = ssd_chunked(x, inp["dt"], inp["A"], inp["B"], inp["C"], 4, backward="autograd")
+    assert "ChunkedSSD" not in type(y.grad_fn).__name__
+    y = ssd(x, inp["dt"], inp["A"], inp["B"], inp["C"], 4, backend="chunked")
+    assert "ChunkedSSD" in type(y.grad_fn).__name__
+    with pytest.raises(ValueError, match="backward"):
+        ssd_chunked(x, inp["dt"], inp["A"], inp["B"], inp["C"], 4, backward="nope")
+
+
+def test_chunked_backward_gradcheck() -> None:
+    """Against finite differences, not only against another autograd graph."""
+    inp = random_ssd_inputs(1, 7, 2, 2, 1, 3, with_initial_state=True)
+    args = [inp[k].clone().requires_grad_(True) for k in NAMES]
+
+    def fn(x, dt, A, B, C, D, h0):
+        return ssd_chunked(x, dt, A, B, C, 3, D=D, initial_state=h0, return_final_state=True)
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_chunked_backward_float32() -> None:
+    """float32 gradients against the float64 scan, relative to each gradient's size."""
+    inp = random_ssd_inputs(2, 300, 4, 8, 2, 8, with_initial_state=True)
+    dy, dh = cotangents(inp)
+    ref = grads(ssd_scan, inp, dy, dh)
+    inp32 = {k: v.float() for k, v in inp.items()}
+    got = grads(ssd_chunked, inp32, dy.float(), dh.float(), 16)
+    for k in ref:
+        err = (got[k].double() - ref[k]).abs().max().item()
+        scale = ref[k].abs().max().item()
+        print(f"{k:14s} max err {err:.2e} (scale {scale:.2e})")
+        assert err <= 1e-4 * scale, k
+
+
+def test_chunked_backward_strong_decay_is_finite() -> None:
+    """dt A ~ -50 per step: every decay underflows to 0 within a step; gradients stay finite
+    and equal the float64 ones."""
+    gen = torch.Generator().manual_seed(0)
+    b, l, h, p, n = 1, 200, 2, 4, 4
+    inp = {
+        "x": torch.randn(b, l, h, p, generator=gen, dtype=torch.float64),
+        "dt": torch.full((b, l, h), 5.0, dtype=torch.float64),
+        "A": torch.tensor([-10.0, -8.0], dtype=torch.float64),
+        "B": torch.randn(b, l, 1, n, generator=gen, dtype=torch.float64),
+        "C": torch.randn(b, l, 1, n, generator=gen, dtype=torch.float64),
+        "D": None,
+        "initial_state": None,
+    }
+    dy, dh = cotangents(inp)
+    ref = grads(ssd_chunked, inp, dy, dh, 64, backward="autograd")
+    got = grads(ssd_chunked, {k: v.float() for k, v in inp.items() if v is not None},
+                dy.float(), dh.float(), 64)  # fmt: skip
+    for k in ref:
+        assert torch.isfinite(got[k]).all(), k
+        err = (got[k].double() - ref[k]).abs().max().item()
+        assert err <= 1e-4 * max(1.0, ref[k].abs().max().item()), k
