@@ -160,7 +160,18 @@ def test_fold_parameters_keeps_one_cell_with_the_run_value() -> None:
 
 
 def test_tidy_drops_run_metadata_and_renumbers() -> None:
-    nb = tidy(executed('scale = "cpu"', 'scale = "smoke"\n'))
+    nb = executed('scale = "cpu"', 'scale = "smoke"\n')
+    out = nbformat.v4.new_output
+    nb.cells[2].outputs = [  # one print, split in two by the kernel's timing
+        out("stream", name="stdout", text="a\n"),
+        out("stream", name="stdout", text="b\n"),
+        out("stream", name="stderr", text="warning\n"),
+    ]
+    nb = tidy(nb)
+    assert [(o.name, o.text) for o in nb.cells[1].outputs] == [
+        ("stdout", "a\nb\n"),
+        ("stderr", "warning\n"),
+    ]
     assert "papermill" not in nb.metadata
     assert [c.execution_count for c in nb.cells] == [1, 2]
     assert all(not ({"papermill", "execution"} & set(c.metadata)) for c in nb.cells)

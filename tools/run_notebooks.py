@@ -10,7 +10,8 @@ edit and the same code and data give the same bytes (a second `make figures` lea
 clean): papermill's injected "# Parameters" cell is folded into the cell tagged
 `parameters` (which then holds the value the notebook ran with), and run-dependent
 metadata (papermill's and the kernel's timestamps and durations, input and output paths)
-is dropped; execution counts are renumbered 1, 2, ... in cell order.
+is dropped; execution counts are renumbered 1, 2, ... in cell order, and consecutive
+prints are joined into one stream output (the kernel splits them by timing).
 
     python tools/run_notebooks.py                  # default (cpu) scale, in place
     python tools/run_notebooks.py --only 01 02     # a subset, by prefix
@@ -90,7 +91,24 @@ def tidy(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
         for out in cell.outputs:
             if out.output_type == "execute_result":
                 out.execution_count = cell.execution_count
+        cell.outputs = _merge_streams(cell.outputs)
     return nb
+
+
+def _merge_streams(outputs: list) -> list:
+    """One stream output per run of prints: how the kernel splits them depends on timing."""
+    merged: list = []
+    for out in outputs:
+        prev = merged[-1] if merged else None
+        if (
+            prev is not None
+            and out.output_type == prev.output_type == "stream"
+            and out.name == prev.name
+        ):
+            prev.text += out.text
+        else:
+            merged.append(out)
+    return merged
 
 
 def tidy_file(path: Path) -> None:
