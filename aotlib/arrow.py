@@ -196,3 +196,26 @@ def sign_test(values: Sequence[float]) -> tuple[int, int, float]:
         raise ValueError("no non-zero values to test")
     tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2**n
     return k, n, min(1.0, 2 * tail)
+
+
+def early_late(pairs: Sequence[tuple[dict, dict]], frac: float = 1 / 3) -> dict[str, float]:
+    """Does delta rise as the models learn? delta averaged over the first and the last
+    `frac` of each run's evaluations, and their difference, per seed; returned as means
+    over seeds with the standard error of the change (0 for one seed).
+
+    Keys: early, late, change, change_se, L_fw_early, L_fw_late, n_seeds.
+    """
+    if not 0 < frac <= 0.5:
+        raise ValueError(f"frac must be in (0, 0.5], got {frac}")
+    early, late, le, ll = [], [], [], []
+    for fw, bw in pairs:
+        c = arrow_curve(fw, bw)
+        k = max(1, round(frac * len(c)))
+        early.append(c.delta.iloc[:k].mean())
+        late.append(c.delta.iloc[-k:].mean())
+        le.append(c.L_fw.iloc[:k].mean())
+        ll.append(c.L_fw.iloc[-k:].mean())
+    change, change_se = seed_spread(np.subtract(late, early))
+    return {"early": float(np.mean(early)), "late": float(np.mean(late)), "change": change,
+            "change_se": change_se, "L_fw_early": float(np.mean(le)),
+            "L_fw_late": float(np.mean(ll)), "n_seeds": len(pairs)}  # fmt: skip
