@@ -39,10 +39,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aotlib.comm import require_group
+from aotlib.comm import (
+    Traffic,
+    count_collectives,
+    cp_mamba2_traffic,
+    require_group,
+    sp_ssd_traffic,
+    tp_mamba2_traffic,
+)
 from aotlib.mamba2 import D_CONV, Mamba2Block, Mamba2LM, RMSNorm
 from aotlib.model_config import ModelConfig
-from aotlib.ssd import ssd
+from aotlib.ssd import random_ssd_inputs, ssd
 from aotlib.ssd_parallel import causal_conv1d_sequence_parallel, ssd_sequence_parallel
 
 # ---------------------------------------------------------------------------
@@ -395,6 +402,51 @@ def compare_cases(cases: list[tuple[str, tuple, dict]]) -> list[dict[str, float]
     """Several ("tensor" | "context", args, kwargs) comparisons in one process group."""
     fns = {"tensor": compare_tensor_parallel, "context": compare_context_parallel}
     return [fns[kind](*args, **kw) for kind, args, kw in cases]
+
+
+def measure_traffic() -> dict[str, tuple]:
+    """Run on every rank: count the calls and bytes of each parallel layer, forward and
+    backward (`count_collectives`), next to what the cost model in aotlib.comm predicts
+    for this rank. {layer: (measured forward, measured backward, predicted {direction:
+    Traffic}, forward ops, backward ops)}; the tests and notebook 09 read the same."""
+    rank, world = require_group()
+    out = {}
+    b, h, p, n = 2, 4, 3, 5
+    inp = random_ssd_inputs(b, 6 + 3 * rank, h, p, 2, n, dtype=torch.float32)
+    args = [inp[k].requires_grad_() for k in ("x", "dt", "A", "B", "C")]
+    for validate in (False, True):
+        with count_collectives() as fwd:
+            y = ssd_sequence_parallel(*args, 4, D=inp["D"], validate=validate)
+        with count_collectives() as bwd:
+            y.sum().backward()
+        want = sp_ssd_traffic(b, h, p, n, world, itemsize=4)
+        if validate:  # the handshake: one all-gather of 10 int64
+            want["forward"] = want["forward"] + Traffic(1, (world - 1) * 80)
+        out[f"ssd validate={validate}"] = (fwd.traffic(), bwd.traffic(), want, fwd.ops(), bwd.ops())
+
+    cfg = _config(ngroups=world)
+    block = Mamba2Block(cfg)
+    u = torch.randn(2, 11, cfg.d_model, requires_grad=True)
+    tp = TensorParallelMamba2Block(block)
+    with count_collectives() as fwd:
+        y = tp(u)
+    with count_collectives() as bwd:
+        y.sum().backward()
+    want = tp_mamba2_traffic(2, 11, cfg.d_model, world)
+    out["tp mamba2"] = (fwd.traffic(), bwd.traffic(), want, fwd.ops(), bwd.ops())
+
+    cp = ContextParallelMamba2Block(block, validate=False)
+    u = torch.randn(2, 5 + rank, cfg.d_model, requires_grad=True)
+    with count_collectives() as fwd:
+        y = cp(u)
+    with count_collectives() as bwd:
+        y.sum().backward()
+    d = cfg.d_model
+    want = cp_mamba2_traffic(
+        2, d, cfg.expand, cfg.head_dim, cfg.ngroups, cfg.d_state, D_CONV, world, rank
+    )
+    out["cp mamba2"] = (fwd.traffic(), bwd.traffic(), want, fwd.ops(), bwd.ops())
+    return out
 
 
 def _main() -> int:

@@ -29,8 +29,8 @@ log-decay are packed into one tensor so there is one collective per layer.
 Autograd. The gathered tensor's backward is a reduce-scatter: every rank's copy of S_k
 received a gradient, and rank k's gradient is their sum (not "my slice" of my copy).
 Every rank keeps the gathered tensor in its graph: rank 0 has nothing before it, but its
-incoming state is still computed as zero weights times the gathered states, so its
-backward enters the reduce-scatter the other ranks wait in (skipping it would hang them).
+outputs still add a zero-weighted term of the gathered summaries, so its backward enters
+the reduce-scatter the other ranks wait in (dropping them would hang the others).
 
 Communication per call, per rank (`aotlib.comm.sp_ssd_traffic`):
     forward   1 all_gather_single of b h (P N + 1) elements: (W - 1) x that sent
@@ -50,7 +50,9 @@ Check by hand (two or four processes, CPU, gloo):
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -230,6 +232,12 @@ def ssd_sequence_parallel(
     packed = torch.cat([S.reshape(b, h, p * n), log_decay.unsqueeze(-1)], dim=-1)
     every = all_gather_with_grad(packed, group)  # (W, b, h, p n + 1)
     states = every[..., : p * n].unflatten(-1, (p, n))  # (W, b, h, p, n)
+    if rank == 0:
+        # Nothing enters the first segment. A zero-weighted term keeps the gathered
+        # summaries in this rank's graph, so its backward joins the reduce-scatter.
+        zero = every.sum() * 0
+        y = y0 + zero.to(y0.dtype)
+        return (y, S + zero) if return_final_state else y
     # 3. the state entering this segment, 4. its contribution to this segment's outputs
     H = incoming_state(states, every[..., p * n], rank)  # (b, h, p, n)
     y = (y0.to(S.dtype) + state_to_output(H, dA, C.to(S.dtype))).to(x.dtype)
@@ -411,6 +419,50 @@ def check_lengths(world: int) -> list[list[int]]:
     short = [11] * world
     short[min(1, world - 1)] = 3
     return [[16] * world, uneven, short]
+
+
+def _forward_backward(fn, seg: list[Tensor], chunk_size: int, D: Tensor) -> None:
+    kw = dict(validate=False) if fn is ssd_sequence_parallel else {}
+    fn(*seg, chunk_size, D=D, **kw).sum().backward()
+
+
+def time_sequence_parallel(
+    lengths: list[int],
+    *,
+    repeats: int = 3,
+    batch: int = 1,
+    nheads: int = 8,
+    headdim: int = 32,
+    dstate: int = 32,
+    chunk_size: int = 64,
+) -> list[dict[str, float]]:
+    """Run on every rank: wall time of one forward + backward of `ssd_sequence_parallel`
+    over each total length (split evenly), best of `repeats`, from a barrier to the last
+    rank's end. With one rank, also `ssd_chunked` on the whole sequence (the baseline).
+    float32, one thread per rank. Says nothing about a network: the ranks share a machine."""
+    rank, world = require_group()
+    rows = []
+    for total in lengths:
+        inp = random_ssd_inputs(
+            batch, total, nheads, headdim, 1, dstate, seed=rank, dtype=torch.float32
+        )
+        lo, hi = segment_bounds([total // world + (r < total % world) for r in range(world)])[rank]
+        seg = [inp[k][:, lo:hi] if k != "A" else inp[k] for k in ("x", "dt", "A", "B", "C")]
+        seg = [t.clone().requires_grad_() for t in seg]
+
+        D = inp["D"]
+        parallel = functools.partial(_forward_backward, ssd_sequence_parallel, seg, chunk_size, D)
+        single = functools.partial(_forward_backward, ssd_chunked, seg, chunk_size, D)
+        for name, fn in [("parallel", parallel)] + ([("single", single)] if world == 1 else []):
+            best = float("inf")
+            for _ in range(repeats + 1):  # the first is a warm-up
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                dist.barrier()
+                best = min(best, time.perf_counter() - t0)
+            rows.append(dict(path=name, ranks=world, length=total, seconds=best))
+    return rows
 
 
 def _main() -> int:

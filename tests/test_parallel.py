@@ -8,12 +8,14 @@ hanging it. They share one xdist group: two 4-rank jobs at once would swamp two 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from aotlib import comm
-from aotlib.comm import count_collectives, run_parallel
+from aotlib.comm import run_parallel
 from aotlib.mamba2 import Mamba2Block
 from aotlib.mamba2_parallel import (
     MODEL_RTOL,
@@ -21,6 +23,7 @@ from aotlib.mamba2_parallel import (
     TensorParallelMamba2Block,
     _config,
     compare_cases,
+    measure_traffic,
     tp_rows,
 )
 from aotlib.ssd import random_ssd_inputs
@@ -81,10 +84,16 @@ def test_context_and_tensor_parallel_mamba2_match_single_process() -> None:
         assert max(errs.values()) < MODEL_RTOL, (case, errs)
 
 
-def test_tensor_parallel_on_four_ranks() -> None:
-    results = run_parallel(compare_cases, 4, [("tensor", (), dict(layers=2, ngroups=4))])
-    errs = worst([r[0] for r in results])
-    assert max(errs.values()) < MODEL_RTOL, errs
+def test_tensor_and_context_parallel_on_four_ranks() -> None:
+    cases = [
+        ("tensor", (), dict(layers=2, ngroups=4)),
+        # segments shorter than a chunk (8), the last one shorter than the conv halo (3)
+        ("context", ([5, 9, 4, 2],), dict(layers=0)),
+    ]
+    results = run_parallel(compare_cases, 4, cases)
+    for i, case in enumerate(cases):
+        errs = worst([r[i] for r in results])
+        assert max(errs.values()) < MODEL_RTOL, (case, errs)
 
 
 def test_tp_rows_are_a_partition_of_the_single_process_rows() -> None:
@@ -160,52 +169,24 @@ def test_misuse_raises_on_every_rank() -> None:
         assert "shorter than the conv halo" in r["halo"]
 
 
+def one_rank_dies() -> None:
+    """Rank 1 fails before the collective that rank 0 waits in."""
+    inp = random_ssd_inputs(1, 8, 2, 3, 1, 4)
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 gives up")
+    ssd_sequence_parallel(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], 4)
+
+
+def test_a_dying_rank_fails_the_run_instead_of_hanging_it() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="rank 1 gives up"):
+        run_parallel(one_rank_dies, 2, timeout_s=20)
+    assert time.monotonic() - t0 < 60
+
+
 # ---------------------------------------------------------------------------
 # Communication: what the code sends is what the cost model says
 # ---------------------------------------------------------------------------
-
-
-def measure_traffic() -> dict[str, tuple]:
-    """Run on every rank: count the calls and bytes of each parallel layer, forward and
-    backward, next to what aotlib.comm predicts for this rank."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    out = {}
-    b, h, p, n = 2, 4, 3, 5
-    inp = random_ssd_inputs(b, 6 + 3 * rank, h, p, 2, n, dtype=torch.float32)
-    args = [inp[k].requires_grad_() for k in ("x", "dt", "A", "B", "C")]
-    for validate in (False, True):
-        with count_collectives() as fwd:
-            y = ssd_sequence_parallel(*args, 4, D=inp["D"], validate=validate)
-        with count_collectives() as bwd:
-            y.sum().backward()
-        want = comm.sp_ssd_traffic(b, h, p, n, world, itemsize=4)
-        if validate:  # the handshake: one all-gather of 10 int64
-            want["forward"] = want["forward"] + comm.Traffic(1, (world - 1) * 80)
-        out[f"ssd validate={validate}"] = (fwd.traffic(), bwd.traffic(), want, fwd.ops(), bwd.ops())
-
-    cfg = _config(ngroups=world)
-    block = Mamba2Block(cfg)
-    u = torch.randn(2, 11, cfg.d_model, requires_grad=True)
-    tp = TensorParallelMamba2Block(block)
-    with count_collectives() as fwd:
-        y = tp(u)
-    with count_collectives() as bwd:
-        y.sum().backward()
-    want = comm.tp_mamba2_traffic(2, 11, cfg.d_model, world)
-    out["tp mamba2"] = (fwd.traffic(), bwd.traffic(), want, fwd.ops(), bwd.ops())
-
-    cp = ContextParallelMamba2Block(block, validate=False)
-    u = torch.randn(2, 5 + rank, cfg.d_model, requires_grad=True)
-    with count_collectives() as fwd:
-        y = cp(u)
-    with count_collectives() as bwd:
-        y.sum().backward()
-    d = cfg.d_model
-    want = comm.cp_mamba2_traffic(
-        2, d, cfg.expand, cfg.head_dim, cfg.ngroups, cfg.d_state, 4, world, rank
-    )
-    out["cp mamba2"] = (fwd.traffic(), bwd.traffic(), want, fwd.ops(), bwd.ops())
-    return out
 
 
 @pytest.mark.parametrize("world", [2, 4])
