@@ -168,16 +168,15 @@ LINEAR_KS = {"smoke": [0, 6], "cpu": [0, 4, 16, 40], "paper": [0, 2, 4, 8, 16, 3
 def languages_grid(scale: str) -> list[TrainConfig]:
     """Notebook 03: both directions per language and seed, and the tokenizer control.
 
-    Ordered breadth first (every language's first seed, then every language's second,
-    ...; the control last), so that `python -m aotlib grid languages` stopped at any
+    Ordered seed by seed (every language's first seed and its controls, then every
+    language's second, ...), so that `python -m aotlib grid languages` stopped at any
     point leaves the most languages measured.
     """
     runs = []
     for seed in SEEDS[scale]:
         for lang in LANGUAGES[scale]:
             runs += both_directions(lm_config(scale, lang=lang, seed=seed))
-    if TOKENIZER_CONTROL[scale]:
-        for seed in CONTROL_SEEDS[scale]:
+        if TOKENIZER_CONTROL[scale] and seed in CONTROL_SEEDS[scale]:
             for lang in CONTROL_LANGUAGES[scale]:
                 rev = lm_config(scale, lang=lang, seed=seed, tokenizer="bpe-reversed")
                 runs += both_directions(rev)

@@ -71,18 +71,20 @@ def test_every_grid_pairs_forward_with_backward() -> None:
             assert len({r.key() for r in runs}) == len(runs), f"duplicate runs in {name}"
 
 
-def test_languages_grid_is_breadth_first() -> None:
-    # `grid languages` trains in list order: every language's first seed before any
-    # language's second, and the tokenizer control last
+def test_languages_grid_goes_seed_by_seed() -> None:
+    # `grid languages` trains in list order: every language's first seed (then that seed's
+    # tokenizer controls) before any language's second seed
     runs = languages_grid("cpu")
     langs = LANGUAGES["cpu"]
     first = runs[: 2 * len(langs)]
     assert [r.data.lang for r in first[::2]] == langs and {r.seed for r in first} == {0}
-    seeds = [r.seed for r in runs if r.data.tokenizer == "bpe"]
+    seeds = [r.seed for r in runs]
     assert seeds == sorted(seeds)
-    n_control = sum(r.data.tokenizer == "bpe-reversed" for r in runs)
-    assert n_control and all(r.data.tokenizer == "bpe-reversed" for r in runs[-n_control:])
-    assert len(runs) == 2 * len(langs) * len(SEEDS["cpu"]) + n_control
+    control = [r for r in runs if r.data.tokenizer == "bpe-reversed"]
+    assert {(r.data.lang, r.seed) for r in control} == {
+        (lang, s) for lang in ("fr", "en") for s in (0, 1)
+    }
+    assert len(runs) == 2 * len(langs) * len(SEEDS["cpu"]) + len(control)
 
 
 def test_config_round_trips_through_json() -> None:
