@@ -56,8 +56,11 @@ bench: $(STAMP)  ## benchmarks: SSD paths and training throughput (prints ratios
 	$(PY) -m aotlib.bench ssd
 	$(PY) -m aotlib.bench train
 
-gpu-check: $(STAMP)  ## on a CUDA machine: compiled Triton tests + GPU benchmark -> results/gpu/
-	$(PY) tools/gpu_check.py
+# Not the virtual environment: a GPU machine keeps its own torch and triton (the pinned
+# ones can't be installed offline), so this runs the machine's python, PYTHON=... to pick
+# another, with the repo on PYTHONPATH (or `pip install --no-deps --no-build-isolation -e .`).
+gpu-check:  ## CUDA machine, its own python (PYTHON=...): kernels, 130m model, timings -> results/gpu/
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(or $(PYTHON),python3) tools/gpu_check.py
 
 clean:  ## remove the virtual environment and caches (not results or figures)
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,44 +1,85 @@
-"""GPU check for the Triton SSD kernels: the engine behind `make gpu-check`.
+"""`make gpu-check`: the first run on a CUDA machine, one command, under 8 minutes.
 
-On a CUDA machine (under 5 minutes):
-  1. pytest tests/test_ssd_triton.py compiled (TRITON_INTERPRET unset, gpu tests included);
-  2. the SSD benchmark at GPU lengths (`python -m aotlib.bench ssd --device cuda`);
-  3. writes results/gpu/gpu_check.json (device name, versions, test counts, benchmark
-     targets) next to the benchmark CSV results/gpu/ssd_cuda.csv.
-Without CUDA it says so and exits with status 1.
+It runs with the machine's own python, torch and triton; no virtual environment, no
+network, no pytest or pandas needed (the Makefile target sets PYTHONPATH to the repo):
+
+    make gpu-check                      # or: PYTHONPATH=. python3 tools/gpu_check.py
+    python3 tools/gpu_check.py --only kernels model
+    python3 tools/gpu_check.py --compile-only [--arch 90] [--dtype fp32 bf16 fp16]  # no GPU
+
+Stages, each a subprocess with its own time limit inside a 7 min 45 s budget (a stage
+that hangs is killed, reported TIMEOUT, and the next one runs); progress is printed as
+it goes and everything lands in results/gpu/:
+
+  env      versions and device                                    env.json
+  kernels  the Triton kernels compiled, float32 / bfloat16 / float16 kernels_<dtype>.csv
+           in parallel: `aotlib.bench.kernels.CASES` against the
+           float64 reference (output, final state, every gradient),
+           NaN-filled buffers, plus a bit-identical backward check
+  model    a Mamba-2 130m-shaped model, loss and all gradients,        model_check.json
+           Triton against the PyTorch chunked path (fp32, bf16)
+  timings  SSD forward and forward+backward against causal SDPA       ssd_cuda.csv
+           (FlashAttention-2) and the chunked path, 512..32K tokens   ssd_cuda_summary.json
+           and N = 16..256, the paper's claims printed beside
+  pytest   tests/test_ssd_triton.py compiled, if pytest is installed  pytest_ssd_triton.xml
+           (optional: skipped without pytest or time)
+
+Then one PASS / FAIL / TIMEOUT / SKIP line per check (summary.txt, gpu_check.json) and
+the whole output in gpu_check.log; the exit status is 0 only if every required check
+passed. Without a CUDA device it says so and exits 1, having written nothing.
 
 `--compile-only` needs no GPU: it compiles every kernel for NVIDIA targets (sm_80, sm_90)
 with `triton.compile` and reports the shared memory each needs, which catches compile
 errors and tiles too big for the chip before a GPU is ever used (the unit tests run it).
-
-    python tools/gpu_check.py
-    python tools/gpu_check.py --compile-only [--arch 90] [--dtype fp32 bf16]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import inspect
 import json
 import os
-import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # `import aotlib` without installing it
 OUT = ROOT / "results" / "gpu"
 # Shared memory per block (bytes) the compiled kernels may use, by compute capability.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # Tensors that carry the input dtype; everything else the kernels touch is float32.
 IO_POINTERS = {"x_ptr", "dy_ptr", "dx_ptr", "y_ptr", "u_ptr", "v_ptr", "B_ptr", "C_ptr"}
 IO_POINTERS |= {"dt_ptr", "A_ptr", "D_ptr", "carry_in_ptr"}
-# Time limits of the two steps (the whole check is meant to take under 5 minutes).
-TESTS_TIMEOUT_S = 180
-BENCH_TIMEOUT_S = 150
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+BUDGET_S = 465.0  # the whole check: 7 min 45 s
+
+
+class Stage(NamedTuple):
+    name: str
+    limit_s: float  # its own time limit
+    reserve_s: float  # kept back for it while earlier stages run (0: optional)
+
+
+STAGES = [
+    Stage("env", 90, 20),
+    Stage("kernels", 210, 0),  # nothing before it to reserve against
+    Stage("model", 90, 45),
+    Stage("timings", 150, 90),
+    Stage("pytest", 120, 0),
+]
+# What each stage writes (cleared first, so no stale file passes for a fresh one).
+OUTPUTS = ["env.json", "model_check.json", "ssd_cuda.csv", "ssd_cuda_summary.json",
+           "pytest_ssd_triton.xml", "summary.txt", "gpu_check.json", "gpu_check.log"]  # fmt: skip
+OUTPUTS += [f"kernels_{d}.csv" for d in DTYPES]
 
 
 def compile_only(archs: list[int], dtypes: list[str], chunks: list[int]) -> int:
@@ -75,8 +116,9 @@ def compile_only(archs: list[int], dtypes: list[str], chunks: list[int]) -> int:
             for Q in chunks:
                 launches = [(st._chunk_cumsum_kernel, {"BLOCK_Q": max(16, Q)}, 4, 1)]
                 t = st._tiles(Q, p, n, "state")
+                dot = "ieee" if dtype == "fp16" else "tf32"  # ssd_triton.EXACT_DOT_DTYPES
                 for from_end in (True, False):
-                    ce = {"FROM_END": from_end, "BLOCK_Q": t.BLOCK_Q}
+                    ce = {"FROM_END": from_end, "DOT": dot, "BLOCK_Q": t.BLOCK_Q}
                     ce |= {"BLOCK_P": t.BLOCK_P, "BLOCK_N": t.BLOCK_N}
                     launches.append((st._chunk_state_kernel, ce, t.num_warps, t.num_stages))
                 for kernel, kind, extra in [
@@ -86,6 +128,7 @@ def compile_only(archs: list[int], dtypes: list[str], chunks: list[int]) -> int:
                 ]:
                     t = st._tiles(Q, p, n, kind)
                     ce = extra | {"BLOCK_Q": t.BLOCK_Q, "BLOCK_P": t.BLOCK_P, "BLOCK_N": t.BLOCK_N}
+                    ce["DOT"] = dot
                     launches.append((kernel, ce, t.num_warps, t.num_stages))
                 for reverse in (False, True):
                     ce = {"HAS_CARRY_IN": True, "REVERSE": reverse, "BLOCK": 1024}
@@ -109,79 +152,373 @@ def compile_only(archs: list[int], dtypes: list[str], chunks: list[int]) -> int:
     return 1 if failures else 0
 
 
-def _pytest_counts(junit: Path) -> dict:
-    suite = ET.parse(junit).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    keys = ("tests", "failures", "errors", "skipped")
-    return {k: int(suite.get(k, 0)) for k in keys} | {"time_s": float(suite.get("time", 0))}
+# ---------------------------------------------------------------------------
+# Stages (each runs in its own process: `gpu_check.py --stage NAME`)
+# ---------------------------------------------------------------------------
 
 
-def _run(cmd: list[str], env: dict, timeout_s: float) -> int:
-    """Run a step, streaming its output; a step past its time limit returns 124."""
-    print("$", " ".join(cmd), flush=True)
+def stage_env() -> int:
+    """Print one JSON line: versions and device, or why there is no CUDA device (exit 3)."""
+    info: dict = {"python": sys.version.split()[0], "executable": sys.executable}
     try:
-        return subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout_s).returncode
-    except subprocess.TimeoutExpired:
-        print(f"timed out after {timeout_s:.0f} s", flush=True)
-        return 124
+        import torch
+    except ImportError as err:
+        print(json.dumps(info | {"has_cuda": False, "why": f"torch is not importable: {err}"}))
+        return 3
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        why = f"torch {torch.__version__} ({build}) sees no CUDA device"
+        print(json.dumps(info | {"has_cuda": False, "why": why}))
+        return 3
+    from aotlib.bench.gpu import environment
+
+    info |= environment()
+    try:
+        query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv"]
+        info["nvidia_smi"] = subprocess.run(
+            query, capture_output=True, text=True, timeout=20
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        info["nvidia_smi"] = None
+    print(json.dumps(info | {"has_cuda": True}))
+    return 0
 
 
-def gpu_check() -> int:
+KERNEL_FIELDS = ["case", "dtype", "tensor", "max_err", "mean_err", "tol", "pass", "seconds"]
+
+
+def stage_kernels(dtype_name: str) -> int:
+    """`aotlib.bench.kernels.CASES` compiled in one dtype; a CSV row per output and gradient."""
+    from aotlib import ssd_triton
+    from aotlib.bench import kernels
+
+    if ssd_triton.INTERPRETED:
+        print("triton runs in interpreter mode (TRITON_INTERPRET set?): not a GPU check")
+        return 1
+    failures = run_kernel_cases(
+        kernels.CASES, "cuda", dtype_name, OUT / f"kernels_{dtype_name}.csv"
+    )
+    return 1 if failures else 0
+
+
+def run_kernel_cases(cases: list, device: str, dtype_name: str, path: Path) -> int:
+    """Run the cases and the determinism check, writing rows as they finish; failures."""
     import torch
 
-    if not torch.cuda.is_available():
+    from aotlib import ssd_triton
+    from aotlib.bench import kernels
+
+    ssd_triton.NAN_FILL = True  # an element a kernel forgets to write fails
+    dtype = getattr(torch, DTYPES[dtype_name])
+    failures = 0
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=KERNEL_FIELDS)
+        writer.writeheader()
+        for case in cases:
+            t0 = time.perf_counter()
+            try:
+                errors = kernels.check_case(case, device, dtype)
+            except Exception as err:  # a compile or launch error fails this case only
+                seconds = time.perf_counter() - t0
+                writer.writerow({"case": case.name, "dtype": dtype_name, "tensor": "error",
+                                 "pass": False, "seconds": f"{seconds:.1f}"})  # fmt: skip
+                print(f"{case.name:18s} ERROR {type(err).__name__}: {str(err)[:300]}", flush=True)
+                failures += 1
+                continue
+            seconds = time.perf_counter() - t0
+            for e in errors:
+                writer.writerow({
+                    "case": case.name, "dtype": dtype_name, "tensor": e.tensor,
+                    "max_err": f"{e.max_err:.3e}", "mean_err": f"{e.mean_err:.3e}",
+                    "tol": f"{e.tol:.0e}", "pass": e.ok, "seconds": f"{seconds:.1f}",
+                })  # fmt: skip
+            f.flush()
+            bad = [e for e in errors if not e.ok]
+            worst = max(errors, key=lambda e: e.max_err / e.tol)
+            print(
+                f"{case.name:18s} {'ok  ' if not bad else 'FAIL'} worst {worst.tensor} "
+                f"{worst.max_err:.1e} (tol {worst.tol:.0e}) {seconds:5.1f} s"
+                + (f"  failed: {', '.join(e.tensor for e in bad)}" if bad else ""),
+                flush=True,
+            )
+            failures += bool(bad)
+        same = kernels.backward_is_deterministic(device, dtype)
+        writer.writerow({"case": "backward-deterministic", "dtype": dtype_name,
+                         "tensor": "all", "pass": same})  # fmt: skip
+        print(f"{'backward-deterministic':18s} {'ok' if same else 'FAIL'}", flush=True)
+        failures += not same
+    return failures
+
+
+# ---------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------
+
+
+class Log:
+    """Print and keep every line (written to gpu_check.log at the end)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, line: str) -> None:
+        with self.lock:
+            self.lines.append(line)
+            print(line, flush=True)
+
+
+def run_processes(cmds: dict[str, list[str]], timeout_s: float, log: Log) -> dict:
+    """Run commands side by side, streaming their output; {label: exit code or None}.
+
+    A command still running at the time limit is killed with its process group and
+    reported as None (TIMEOUT).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    procs, pumps = {}, []
+    for label, cmd in cmds.items():
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, errors="replace", start_new_session=True,
+        )  # fmt: skip
+        procs[label] = proc
+
+        def pump(proc=proc, label=label):
+            for line in proc.stdout:
+                log(f"[{label}] {line.rstrip()}")
+
+        pumps.append(threading.Thread(target=pump, daemon=True))
+        pumps[-1].start()
+    deadline = time.monotonic() + timeout_s
+    codes: dict = {}
+    for label, proc in procs.items():
+        try:
+            codes[label] = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the process group this driver started
+            proc.wait()
+            codes[label] = None
+            log(f"[{label}] TIMEOUT after {timeout_s:.0f} s: killed")
+    for thread in pumps:
+        thread.join(timeout=5)
+    return codes
+
+
+class Check(NamedTuple):
+    name: str
+    status: str  # PASS, FAIL, TIMEOUT, SKIP
+    detail: str
+    required: bool = True
+
+
+def _stage_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--stage", *args]
+
+
+def kernels_checks(codes: dict, n_cases: int | None = None) -> list[Check]:
+    """One check per dtype from its CSV: every case ran (n_cases + the determinism check)
+    and passed, and its process exited 0 (None: it was killed at its time limit)."""
+    if n_cases is None:
+        from aotlib.bench.kernels import CASES
+
+        n_cases = len(CASES)
+    checks = []
+    for d in DTYPES:
+        path = OUT / f"kernels_{d}.csv"
+        rows = list(csv.DictReader(open(path))) if path.exists() else []
+        cases = {r["case"] for r in rows}
+        bad = sorted({r["case"] for r in rows if r["pass"] != "True"})
+        tensors = [r for r in rows if r["max_err"]]
+        worst = max(tensors, key=lambda r: float(r["max_err"]) / float(r["tol"]), default=None)
+        detail = f"{len(cases)} of {n_cases + 1} checks ran"
+        if worst:
+            ratio = float(worst["max_err"]) / float(worst["tol"])
+            detail += f"; worst {worst['case']}/{worst['tensor']} at {ratio:.2f} of its tolerance"
+        if bad:
+            detail += f"; failed: {', '.join(bad)}"
+        code = codes.get(f"kernels {d}")
+        if code is None:
+            status = "TIMEOUT"
+        else:
+            status = "PASS" if code == 0 and not bad and len(cases) == n_cases + 1 else "FAIL"
+        checks.append(Check(f"kernels-{d}", status, detail))
+    return checks
+
+
+def model_checks(code) -> list[Check]:
+    path = OUT / "model_check.json"
+    if not path.exists():
+        return [Check("model-130m", "TIMEOUT" if code is None else "FAIL", "no model_check.json")]
+    checks = []
+    for r in json.loads(path.read_text()):
+        detail = (
+            f"loss {r['loss_triton']:.5f} vs {r['loss_chunked']:.5f} (rel {r['loss_rel_diff']:.1e},"
+            f" limit {r['limits']['loss_rel_diff']:.0e}); gradient cosine {r['grad_cosine']:.6f}"
+            f" (limit {r['limits']['grad_cosine']}), rel err {r['grad_rel_err']:.1e}, lowest "
+            f"{r['worst_tensor']} {r['worst_tensor_cosine']:.4f}; {r['triton_calls']} Triton "
+            f"calls at chunk {r['triton_chunks']} for the preset's {r['preset_chunk']}"
+        )
+        checks.append(Check(r["check"], "PASS" if r["pass"] else "FAIL", detail))
+    return checks
+
+
+def timings_checks(code) -> tuple[list[Check], list[str]]:
+    path = OUT / "ssd_cuda_summary.json"
+    if not path.exists():
+        return [Check("timings", "TIMEOUT" if code is None else "FAIL", "no summary")], []
+    summary = json.loads(path.read_text())
+    rows = list(csv.DictReader(open(OUT / "ssd_cuda.csv")))
+    errors = [r for r in rows if not r["status"].startswith("ok")]
+    vs = summary["vs_sdpa"]
+
+    def named(sweep: str) -> str:
+        return sweep.replace("length_fwd_bwd", "fwd+bwd").replace("length", "fwd")
+
+    shown = [k for k in ("length@2048", "length@32768", "length_fwd_bwd@32768") if k in vs]
+    detail = f"{len(rows)} timings, {len(errors)} errors; ssd speed-up vs SDPA: " + ", ".join(
+        f"{named(k)} {vs[k]:.2f}x" for k in shown
+    )
+    claims = [
+        f"paper: {c['claim']} ({named(c['pass'])}): measured {c['measured']:.2f}x, "
+        f"reproduced: {'yes' if c['reproduced'] else 'no'}"
+        for c in summary["claims"]
+    ]
+    status = "PASS" if code == 0 and not errors else "FAIL"
+    return [Check("timings", status, detail)], claims
+
+
+def pytest_check(code, ran: bool) -> Check:
+    if not ran:
+        return Check("pytest", "SKIP", "pytest is not installed (the kernel verdict above does "
+                     "not need it)", required=False)  # fmt: skip
+    junit = OUT / "pytest_ssd_triton.xml"
+    if code is None or not junit.exists():
+        status = "TIMEOUT" if code is None else "FAIL"
+        return Check("pytest", status, "tests/test_ssd_triton.py did not finish", required=False)
+    suite = ET.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    detail = (f"{n['tests']} tests: {n['failures']} failed, {n['errors']} errors, "
+              f"{n['skipped']} skipped")  # fmt: skip
+    # A test that fails is a real failure, required or not.
+    return Check("pytest", "PASS" if code == 0 else "FAIL", detail, required=code != 0)
+
+
+def gpu_check(only: list[str]) -> int:
+    t_start = time.monotonic()
+    log = Log()
+
+    def left(stage: Stage) -> float:
+        """This stage's time limit: its own, within what later required stages leave."""
+        later = STAGES[STAGES.index(stage) + 1 :]
+        reserve = sum(s.reserve_s for s in later if s.name in only)
+        return min(stage.limit_s, BUDGET_S - (time.monotonic() - t_start) - reserve)
+
+    # 1. env, before writing anything: is there a CUDA device at all?
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    try:
+        done = subprocess.run(_stage_cmd("env"), cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=STAGES[0].limit_s)  # fmt: skip
+        lines = done.stdout.strip().splitlines()
+        info = json.loads(lines[-1]) if lines else {}
+    except subprocess.TimeoutExpired:
+        info = {"has_cuda": False, "why": f"the device query hung for {STAGES[0].limit_s} s"}
+    except json.JSONDecodeError:
+        why = f"the device query failed: {done.stderr.strip()[-800:]}"
+        info = {"has_cuda": False, "why": why}
+    if not info.get("has_cuda"):
         print(
-            "gpu-check needs a CUDA device and none is visible (torch.cuda.is_available() is "
-            "False). On a machine without a GPU, run `make test` (the Triton kernels are "
-            "tested there under TRITON_INTERPRET=1) or `python tools/gpu_check.py "
-            "--compile-only`.",
+            f"gpu-check: no CUDA device: {info.get('why', 'unknown')} (python: {sys.executable})."
+            "\nNothing was run or written. On a GPU machine run `make gpu-check` with the "
+            "python that has its torch and triton (PYTHON=... make gpu-check); without a GPU, "
+            "`make test` runs the Triton kernels under TRITON_INTERPRET=1 and "
+            "`python tools/gpu_check.py --compile-only` compiles them for sm_80/sm_90.",
             file=sys.stderr,
         )
         return 1
     OUT.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    report: dict = {
-        "device": torch.cuda.get_device_name(0),
-        "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    try:
-        import triton
+    for name in OUTPUTS:
+        (OUT / name).unlink(missing_ok=True)
+    log(f"gpu-check: {sys.executable}; stages {' '.join(only)}; budget {BUDGET_S:.0f} s")
+    (OUT / "env.json").write_text(json.dumps(info, indent=2) + "\n")
+    checks = [Check("env", "PASS", f"{info['device']} (sm_{info['capability'].replace('.', '')},"
+                    f" {info['memory_gib']} GiB), torch {info['torch']}, triton {info['triton']},"
+                    f" CUDA {info['cuda']}")]  # fmt: skip
+    log(f"PASS env: {checks[0].detail}")
+    claims: list[str] = []
 
-        report["triton"] = triton.__version__
-    except ImportError:
-        report["triton"] = None
-    print(f"device: {report['device']}", flush=True)
+    def stage(name: str):
+        return next(s for s in STAGES if s.name == name)
 
-    junit = OUT / "pytest_ssd_triton.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
-    cmd += ["-rfEs", f"--junitxml={junit}", "tests/test_ssd_triton.py"]
-    if importlib.util.find_spec("xdist"):
-        cmd += ["-n", "4"]  # Triton compiles on the CPU: four workers share the work
-    t0 = time.perf_counter()
-    tests = _run(cmd, env, TESTS_TIMEOUT_S)
-    report["pytest"] = {"returncode": tests, "wall_s": time.perf_counter() - t0}
-    if junit.exists():
-        report["pytest"] |= _pytest_counts(junit)
+    def start(name: str) -> float | None:
+        limit = left(stage(name))
+        log(f"--- {name}: limit {limit:.0f} s ({time.monotonic() - t_start:.0f} s elapsed)")
+        return limit if limit >= 20 else None
 
-    cmd = [sys.executable, "-m", "aotlib.bench", "ssd", "--device", "cuda", "--out", str(OUT)]
-    cmd += ["--json", str(OUT / "bench_summary.json")]
-    t0 = time.perf_counter()
-    bench = _run(cmd, env, BENCH_TIMEOUT_S)
-    report["bench"] = {"returncode": bench, "wall_s": time.perf_counter() - t0}
-    summary = OUT / "bench_summary.json"
-    if summary.exists():
-        report["bench"] |= json.loads(summary.read_text())
-        summary.unlink()
-    report["csv"] = "results/gpu/ssd_cuda.csv"
+    if "kernels" in only:
+        limit = start("kernels")
+        if limit is None:
+            checks += [Check(f"kernels-{d}", "SKIP", "no time left") for d in DTYPES]
+        else:
+            cmds = {f"kernels {d}": _stage_cmd("kernels", "--dtype", d) for d in DTYPES}
+            checks += kernels_checks(run_processes(cmds, limit, log))
+    if "model" in only:
+        limit = start("model")
+        if limit is None:
+            checks.append(Check("model-130m", "SKIP", "no time left"))
+        else:
+            cmd = [
+                sys.executable,
+                "-m",
+                "aotlib.bench",
+                "gpu",
+                "--what",
+                "model",
+                "--out",
+                str(OUT),
+            ]
+            checks += model_checks(run_processes({"model": cmd}, limit, log)["model"])
+    if "timings" in only:
+        limit = start("timings")
+        if limit is None:
+            checks.append(Check("timings", "SKIP", "no time left"))
+        else:
+            cmd = [sys.executable, "-m", "aotlib.bench", "gpu", "--what", "timings"]
+            cmd += ["--out", str(OUT)]
+            found, claims = timings_checks(run_processes({"timings": cmd}, limit, log)["timings"])
+            checks += found
+    if "pytest" in only:
+        have_pytest = importlib.util.find_spec("pytest") is not None
+        limit = start("pytest") if have_pytest else None
+        if have_pytest and limit is None:
+            checks.append(Check("pytest", "SKIP", "no time left", required=False))
+        else:
+            code = None
+            if have_pytest:
+                cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
+                cmd += [f"--junitxml={OUT / 'pytest_ssd_triton.xml'}", "tests/test_ssd_triton.py"]
+                if importlib.util.find_spec("xdist"):
+                    cmd += ["-n", "4"]  # Triton compiles on the CPU: four workers share it
+                code = run_processes({"pytest": cmd}, limit, log)["pytest"]
+            checks.append(pytest_check(code, have_pytest))
 
+    wall = time.monotonic() - t_start
+    ok = all(c.status == "PASS" for c in checks if c.required)
+    summary = [f"gpu-check on {info['device']}, {time.strftime('%Y-%m-%d %H:%M')}, {wall:.0f} s"]
+    summary += [f"{c.status:7s} {c.name:22s} {c.detail}" for c in checks]
+    summary += [f"        {line}" for line in claims]
+    summary.append(f"gpu-check: {'PASS' if ok else 'FAIL'}")
+    log("")
+    for line in summary:
+        log(line)
+    (OUT / "summary.txt").write_text("\n".join(summary) + "\n")
+    report = {"env": info, "wall_s": round(wall, 1), "pass": ok, "claims": claims,
+              "checks": [c._asdict() for c in checks]}  # fmt: skip
     (OUT / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {OUT / 'gpu_check.json'}")
-    ok = tests == 0 and bench == 0
-    print("gpu-check:", "PASS" if ok else "FAIL")
+    (OUT / "gpu_check.log").write_text("\n".join(log.lines) + "\n")
     return 0 if ok else 1
 
 
@@ -191,10 +528,17 @@ def main() -> int:
     parser.add_argument("--arch", type=int, nargs="*", default=[80, 90])
     parser.add_argument("--dtype", nargs="*", default=["fp32", "bf16"])
     parser.add_argument("--chunk", type=int, nargs="*", default=[16, 64, 128])
+    stages = [s.name for s in STAGES[1:]]
+    parser.add_argument("--only", nargs="+", choices=stages, default=stages, help="stages")
+    parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # a stage's process
     args = parser.parse_args()
     if args.compile_only:
         return compile_only(args.arch, args.dtype, args.chunk)
-    return gpu_check()
+    if args.stage == "env":
+        return stage_env()
+    if args.stage == "kernels":
+        return stage_kernels(args.dtype[0])
+    return gpu_check(args.only)
 
 
 if __name__ == "__main__":

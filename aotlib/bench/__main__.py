@@ -9,6 +9,7 @@ import sys
 # benchmark's imports (triton, torch.compile) never slow down or break another.
 BENCHMARKS = {
     "ssd": "aotlib.bench.ssd",
+    "gpu": "aotlib.bench.gpu",
     "train": "aotlib.bench.train",
 }
 

@@ -57,14 +57,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from aotlib.paths import ROOT, fresh
 from aotlib.ssd import segsum, ssd, ssd_chunked, ssd_quadratic, ssd_scan
+
+if TYPE_CHECKING:
+    import pandas as pd  # imported where a table is built: the GPU check runs without it
 
 PATHS = ("ssd", "chunked", "listing", "scan", "quadratic", "sdpa")
 COLUMNS = [
@@ -412,6 +415,8 @@ def run(setup: Setup, log: Callable[[str], None] = print) -> pd.DataFrame:
         mb = peak_memory(path, setup, setup.memory_at) / 2**20
         add("memory", path, setup.memory_at, setup.dstate, peak_mb=mb)
         log(f"memory l={setup.memory_at} {path:10s} peak {mb:10.1f} MiB")
+    import pandas as pd
+
     return pd.DataFrame(rows).reindex(columns=COLUMNS)
 
 
@@ -494,6 +499,8 @@ def results_for(scale: str) -> tuple[pd.DataFrame, str]:
     """
     if scale == "smoke":
         return run(setup_for("cpu", quick=True), log=lambda _: None), "quick run (smoke scale)"
+    import pandas as pd
+
     path = csv_path("cpu")
     if path.exists() and not fresh():
         return pd.read_csv(path), f"stored {path.relative_to(ROOT)}"
@@ -505,6 +512,8 @@ def results_for(scale: str) -> tuple[pd.DataFrame, str]:
 
 def gpu_results() -> list[pd.DataFrame]:
     """Benchmark CSVs under results/gpu (written by tools/gpu_check.py), if any."""
+    import pandas as pd
+
     found = []
     for path in sorted((ROOT / "results" / "gpu").glob("*.csv")):
         df = pd.read_csv(path)
