@@ -157,6 +157,12 @@ def test_fold_parameters_keeps_one_cell_with_the_run_value() -> None:
     )
     fold_parameters(nb)  # nothing left to fold
     assert len(nb.cells) == 2
+    # Without a parameters cell, papermill's injected one (put first) becomes it.
+    nb = executed("", 'scale = "smoke"\n')
+    del nb.cells[0]
+    fold_parameters(nb)
+    assert nb.cells[0].metadata["tags"] == ["parameters"]
+    assert nb.cells[0].source == 'scale = "smoke"'
 
 
 def test_tidy_drops_run_metadata_and_renumbers() -> None:

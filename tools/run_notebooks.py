@@ -59,6 +59,10 @@ def fold_parameters(nb: nbformat.NotebookNode) -> None:
     if not injected:
         return
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    if len(injected) == 1 and not params:  # papermill put it first: it becomes the one
+        injected[0].metadata["tags"] = ["parameters"]
+        injected[0].source = injected[0].source.removeprefix("# Parameters\n").strip()
+        return
     if len(params) != 1 or len(injected) != 1:
         raise ValueError("need exactly one 'parameters' and one 'injected-parameters' cell")
     cell, src = params[0], injected[0].source
