@@ -7,7 +7,10 @@ A (h,), B and C (b, l, g, n), D (h,); inside, chunk states are (..., g, n, hg*p)
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
+import sys
 import threading
 from typing import NamedTuple
 
@@ -355,6 +358,42 @@ def _scratch(x: Tensor, *shapes: tuple[int, ...]) -> list[Tensor]:
     return views
 
 
+def _load_madvise():
+    """libc's madvise, or None where there is none (not Linux)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn if sys.platform.startswith("linux") else None
+
+
+_MADVISE = _load_madvise()
+_MADV_HUGEPAGE, _HUGE = 14, 1 << 21  # Linux's advice number, and x86-64's huge page
+
+
+def new_output(like: Tensor, *shape: int) -> Tensor:
+    """An uninitialised tensor like `like` for a large output (y, dx), backed by huge pages
+    where Linux allows it (transparent huge pages in "madvise" mode).
+
+    Measured here (`python -m aotlib.bench ssd`): a fresh output over glibc's largest mmap
+    threshold (32 MB; y at l = 16K in the benchmark is 64 MB) is mapped afresh on every
+    call, and faulting it in 4 KiB page by page, on first write, cost about 25 ms per 64 MB
+    (a third of the forward's time per token at 16K and beyond; at 4K y is 16 MB and glibc
+    reuses its heap). With 2 MiB pages the same writes cost about 4 ms. Only advice: the
+    numbers are the same either way.
+    """
+    out = like.new_empty(shape)
+    nbytes = out.numel() * out.element_size()
+    if _MADVISE is not None and out.device.type == "cpu" and nbytes >= 2 * _HUGE:
+        start = -(-out.data_ptr() // _HUGE) * _HUGE  # the whole huge pages inside
+        end = (out.data_ptr() + nbytes) // _HUGE * _HUGE
+        if end > start:
+            _MADVISE(start, end - start, _MADV_HUGEPAGE)  # a failure leaves 4 KiB pages
+    return out
+
+
 def block_plan(b: int, c: int, h: int, Q: int, p: int, n: int) -> tuple[int, int]:
     """(m, k): a block is m whole sequences (then k = c) or k chunks of one sequence (m = 1),
     sized so that its largest intermediate, (m k, h, Q, max(Q, p, n)), is near
@@ -405,7 +444,7 @@ def _chunked_in_blocks(
     hgp = S0.shape[-1]
     m, k = block_plan(b, c, h, Q, p, n)
     K = m * k
-    y = x.new_empty(b, l, h, p)
+    y = new_output(x, b, l, h, p)
     L_buf, y_diag_buf, u_buf, CB_buf, B_buf, U_t, V, sums, own, slot_buf = _scratch(
         x,
         (K, h, Q, Q),

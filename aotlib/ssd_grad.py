@@ -52,12 +52,16 @@ over (Q, Q) and (Q, p) tensors per head. Memory: the saved inputs, the chunk sta
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from aotlib.ssd_chunks import (
     ChunkDecays,
     _chunked_in_blocks,
+    _matmul,
+    _scratch,
     _sub_chunk_length,
     block_plan,
     blocks,
@@ -124,11 +128,14 @@ def chunked_backward(
 ) -> tuple[Tensor, ...]:
     """Gradients (dx, ddt, dA, dB, dC, dD, dS0) of the chunked SSD (see the module
     docstring), block by block in reverse: the forward's blocks (`block_plan`), last
-    first, carrying the gradient of the state backwards from block to block."""
+    first, carrying the gradient of the state backwards from block to block. The
+    temporaries live in reused buffers (`_scratch`), as in the forward."""
     b, l, h, p = x.shape
-    c, Q = dec.dt.shape[1], dec.dt.shape[-1]
+    c, Q, (nI, R) = dec.dt.shape[1], dec.dt.shape[-1], dec.into.shape[-2:]
     g, n = B.shape[2:]
+    hgp = (h // g) * p
     m, k = block_plan(b, c, h, Q, p, n)
+    K = m * k
     plain = dec.without_dt()  # decay_matrix(plain) = L, without dt
     dx = x.new_empty(b, l, h, p)
     dB, dC = B.new_empty(b, l, g, n), C.new_empty(b, l, g, n)
@@ -136,32 +143,83 @@ def chunked_backward(
     dA = A.new_zeros(A.shape)
     dD = None if D is None else D.new_zeros(D.shape)
     dS0 = torch.empty_like(dS)
-    G_in = dS  # gradient of the state leaving the current block
+    bufs = Buffers(
+        *_scratch(
+            x,
+            *[(K, Q, h, p)] * 4,  # fdy, tm, tmp, dx_b
+            (K, h, Q, p),  # dxd_h
+            *[(K, h, Q, Q)] * 3,  # L, P, dP
+            *[(K, g, Q, Q)] * 2,  # CB, dCB
+            *[(K, g, n, hgp)] * 4,  # dstates, G_next, S_ent, tmp_state
+            *[(K, g, Q, n)] * 2,  # dB_b, dC_b
+            (K, g, n, Q),  # B_t
+            (K, h, nI, nI, R),  # decay_matrix's work: U^T, V, the diagonal blocks' sums
+            (K, h, nI, nI, R),
+            (K, h, nI, R, R),
+        )
+    )
+    bufs.V.zero_()  # 0 off its block diagonal (the buffer is shared with the forward)
+    G_out = dS  # gradient of the state leaving the current block
     for i0, i1, k0, k1 in reversed(blocks(b, c, m, k)):
         kb, t0, t1 = k1 - k0, k0 * Q, min(k1 * Q, l)
+        mb, T = i1 - i0, t1 - t0
         if k1 == c:
-            G_in = dS[i0:i1]
-        xb = chunks_of(x, i0, i1, t0, t1, kb, Q)  # (mb, kb, Q, h, p)
-        dyb = chunks_of(dy, i0, i1, t0, t1, kb, Q)  # (mb, kb, Q, h, p)
-        Bb = chunks_of(B, i0, i1, t0, t1, kb, Q)  # (mb, kb, Q, g, n)
-        Cb = chunks_of(C, i0, i1, t0, t1, kb, Q)  # (mb, kb, Q, g, n)
-        d = dec.block(slice(i0, i1), k0, k1)  # (mb, kb, ...)
+            G_out = dS[i0:i1]
+        blk = (i0, i1, t0, t1, kb, Q)
+        ragged = T < kb * Q
+        x_b = chunks_of(x, *blk).flatten(0, 1)  # (Kb, Q, h, p)
+        dy_b = chunks_of(dy, *blk).flatten(0, 1)
+        B_b = chunks_of(B, *blk).flatten(0, 1)  # (Kb, Q, g, n)
+        C_b = chunks_of(C, *blk).flatten(0, 1)
+        d = flat_decays(dec.block(slice(i0, i1), k0, k1))  # (Kb, ...)
+        d_plain = flat_decays(plain.block(slice(i0, i1), k0, k1))
+        whole = dec.whole[i0:i1, k0:k1]  # (mb, kb, h)
         S_ent = states[i0:i1, k0:k1]  # (mb, kb, g, n, hg*p)
-        grads = _block_backward(xb, dyb, Bb, Cb, A, D, d, plain.block(slice(i0, i1), k0, k1),
-                                S_ent, G_in)  # fmt: skip
-        dxb, ddtb, dAb, dBb, dCb, dDb, G_in = grads
-        T = t1 - t0
-        dx[i0:i1, t0:t1] = dxb.flatten(1, 2)[:, :T]
-        dB[i0:i1, t0:t1] = dBb.flatten(1, 2)[:, :T]
-        dC[i0:i1, t0:t1] = dCb.flatten(1, 2)[:, :T]
-        ddt[i0:i1, k0:k1] = ddtb
-        dA += dAb
+        out = None if ragged else dx[i0:i1, t0:t1].flatten(0, 1).unflatten(0, (mb * kb, Q))
+        G_out, dx_b, dB_b, dC_b, ddt_b, dA_b, dD_b = _block_backward(
+            x_b, dy_b, B_b, C_b, A, D, d, d_plain, whole, S_ent, G_out, bufs.cut(mb * kb), out
+        )
+        if ragged:
+            dx[i0:i1, t0:t1] = dx_b.unflatten(0, (mb, kb)).flatten(1, 2)[:, :T]
+        dB[i0:i1, t0:t1] = dB_b.transpose(1, 2).unflatten(0, (mb, kb)).flatten(1, 2)[:, :T]
+        dC[i0:i1, t0:t1] = dC_b.transpose(1, 2).unflatten(0, (mb, kb)).flatten(1, 2)[:, :T]
+        ddt[i0:i1, k0:k1] = ddt_b.unflatten(0, (mb, kb))
+        dA += dA_b
         if dD is not None:
-            dD += dDb
+            dD += dD_b
         if k0 == 0:
-            dS0[i0:i1] = G_in
+            dS0[i0:i1] = G_out
     ddt = ddt.transpose(-1, -2).reshape(b, c * Q, h)[:, :l]  # (b, l, h)
     return dx, ddt, dA, dB, dC, dD, dS0
+
+
+class Buffers(NamedTuple):
+    """The backward's temporaries for one block of K chunks (see `chunked_backward`)."""
+
+    fdy: Tensor
+    tm: Tensor
+    tmp: Tensor
+    dx: Tensor
+    dxd_h: Tensor
+    L: Tensor
+    P: Tensor
+    dP: Tensor
+    CB: Tensor
+    dCB: Tensor
+    dstates: Tensor
+    G_next: Tensor
+    S_ent: Tensor
+    tmp_state: Tensor
+    dB: Tensor
+    dC: Tensor
+    B_t: Tensor
+    U_t: Tensor
+    V: Tensor
+    sums: Tensor
+
+    def cut(self, K: int) -> Buffers:
+        """The first K chunks of each buffer (a block may be smaller than the largest)."""
+        return Buffers(*(t[:K] for t in self))
 
 
 def _block_backward(
@@ -173,82 +231,99 @@ def _block_backward(
     D: Tensor | None,
     d: ChunkDecays,
     plain: ChunkDecays,
+    whole: Tensor,
     S_ent: Tensor,
     G_out: Tensor,
+    buf: Buffers,
+    dx_out: Tensor | None,
 ) -> tuple[Tensor, ...]:
-    """One block's adjoints. x, dy (m, k, Q, h, p); B, C (m, k, Q, g, n); d and plain the
-    block's decays with and without dt; S_ent (m, k, g, n, hg*p) the states entering its
-    chunks; G_out (m, g, n, hg*p) the gradient of the state leaving it. Returns dx, ddt
-    (m, k, h, Q), dA, dB, dC (m, k, Q, g, n), dD and the gradient of the entering state."""
-    m, k, Q, h, p = x.shape
+    """One block's adjoints. x, dy (K, Q, h, p) for the block's K = m k chunks (m
+    sequences of k); B, C (K, Q, g, n); d and plain its decays with and without dt (K,
+    ...); whole (m, k, h); S_ent (m, k, g, n, hg*p) the states entering its chunks; G_out
+    (m, g, n, hg*p) the gradient of the state leaving it; dx_out (K, Q, h, p) where dx
+    goes, if given. Returns the gradient of the state entering the block, then dx, dB and
+    dC (K, g, Q, n), ddt (K, h, Q), dA and dD."""
+    K, Q, h, p = x.shape
     g, n = B.shape[-2:]
+    m, k = whole.shape[:2]
     hg = h // g
     hgp = hg * p
-    F_t = d.from_start  # (m, k, Q, h)
-    E_s = d.decay_to_end  # (m, k, Q, h)
-    dt_q = d.dt.transpose(-1, -2)  # (m, k, Q, h)
-    C_c = C.transpose(2, 3)  # (m, k, g, Q, n)
-    B_c = B.transpose(2, 3)  # (m, k, g, Q, n)
+    F_t = d.from_start.unsqueeze(-1)  # (K, Q, h, 1)
+    E_s = d.decay_to_end.unsqueeze(-1)  # (K, Q, h, 1)
+    dt_q = d.dt.transpose(-1, -2).unsqueeze(-1)  # (K, Q, h, 1)
+    C_c = C.transpose(1, 2)  # (K, g, Q, n)
+    B_c = B.transpose(1, 2)  # (K, g, Q, n)
+    B_t = buf.B_t.copy_(B.permute(0, 2, 3, 1))  # (K, g, n, Q)
 
-    def by_group(t: Tensor) -> Tensor:  # (m, k, Q, h, p) -> (m, k, g, Q, hg*p)
-        return t.reshape(m, k, Q, g, hgp).transpose(2, 3)
+    def by_group(t: Tensor) -> Tensor:  # (K, Q, h, p) -> (K, g, Q, hg*p)
+        return t.view(K, Q, g, hgp).transpose(1, 2)
 
-    def by_time(t: Tensor) -> Tensor:  # (m, k, g, Q, hg*p) -> (m, k, Q, h, p)
-        return t.transpose(2, 3).reshape(m, k, Q, h, p)
+    if S_ent.shape[0] > 1:  # several sequences: (m, k) are not one dim in `states`
+        S_ent = buf.S_ent.view(S_ent.shape).copy_(S_ent)
+    S_ent = S_ent.reshape(K, g, n, hgp)
 
     # 4* and 3*: what reaches the entering states, then the reverse state passing
-    Fdy = dy * F_t.unsqueeze(-1)  # (m, k, Q, h, p)
-    dstates = C_c.transpose(-1, -2) @ by_group(Fdy)  # (m, k, g, n, hg*p)
-    G = dy.new_empty(m, k + 1, g, n, hgp)  # G[:, j]: gradient of the state entering chunk j
-    G[:, k] = G_out
-    W = d.whole.reshape(m, k, g, 1, hg, 1)  # broadcast over (n, p)
+    fdy = torch.mul(dy, F_t, out=buf.fdy)  # (K, Q, h, p)
+    dstates = _matmul(C_c.transpose(-1, -2), by_group(fdy), buf.dstates)  # (K, g, n, hg*p)
+    G_next = buf.G_next.view(m, k, g, n, hg, p)  # gradient of the state leaving chunk j
+    ds = dstates.view(m, k, g, n, hg, p)
+    W = whole.reshape(m, k, g, 1, hg, 1)  # broadcast over (n, p)
+    G_next[:, k - 1] = G_out.view(m, g, n, hg, p)
+    G_in = G_out.new_empty(m, g, n, hg, p)
     for j in reversed(range(k)):
-        G_j = torch.addcmul(dstates[:, j].view(m, g, n, hg, p), W[:, j],
-                            G[:, j + 1].view(m, g, n, hg, p))  # fmt: skip
-        G[:, j] = G_j.view(m, g, n, hgp)
-    G_next = G[:, 1:]  # (m, k, g, n, hg*p): gradient of the state leaving each chunk
-    dW = (G_next * S_ent).view(m, k, g, n, hg, p).sum((3, 5)).reshape(m, k, h)
+        torch.addcmul(ds[:, j], W[:, j], G_next[:, j], out=G_next[:, j - 1] if j else G_in)
+    G_next = buf.G_next  # (K, g, n, hg*p)
+    dW = torch.mul(G_next, S_ent, out=buf.tmp_state).view(K, g, n, hg, p).sum((2, 4))
 
     # 4*: C and F
-    dF = (dy * by_time(C_c @ S_ent)).sum(-1)  # (m, k, Q, h)
-    dC = by_group(Fdy) @ S_ent.transpose(-1, -2)  # (m, k, g, Q, n)
+    tm = _matmul_into(C_c, S_ent, by_group(buf.tm))  # S_k C_t, time-major (K, Q, h, p)
+    dF = torch.mul(dy, buf.tm, out=buf.tmp).sum(-1)  # (K, Q, h)
+    dC = _matmul(by_group(fdy), S_ent.transpose(-1, -2), buf.dC)  # (K, g, Q, n)
 
     # 2*: xd = dt x and E, then B
-    V = by_time(B_c @ G_next)  # (m, k, Q, h, p): G_{k+1} B_s
-    dxd = V * E_s.unsqueeze(-1)  # (m, k, Q, h, p)
-    dE = (x * V).sum(-1) * dt_q  # (m, k, Q, h): <xd_s, G B_s>
-    u = x * d.to_end.unsqueeze(-1)  # E_s xd_s, the forward's weighted x
-    dB = by_group(u) @ G_next.transpose(-1, -2)  # (m, k, g, Q, n)
+    _matmul_into(B_c, G_next, tm)  # V_s = G_{k+1} B_s, in buf.tm
+    dE = torch.mul(x, buf.tm, out=buf.tmp).sum(-1) * dt_q.squeeze(-1)  # (K, Q, h)
+    dxd = buf.tm.mul_(E_s)  # (K, Q, h, p): d xd from the chunk state
+    u = torch.mul(x, d.to_end.unsqueeze(-1), out=buf.tmp)  # E_s xd_s, the forward's
+    dB = _matmul(by_group(u), G_next.transpose(-1, -2), buf.dB)  # (K, g, Q, n)
 
     # 1*: the diagonal blocks
-    CB = (C_c @ B_c.transpose(-1, -2)).tril_()  # (m, k, g, Q, Q)
-    L = decay_matrix(flat_decays(plain)).view(m, k, g, hg, Q, Q)  # without dt
-    P = L * CB.unsqueeze(3)  # (m, k, g, hg, Q, Q)
-    dy_h = dy.transpose(2, 3).reshape(m, k, g, hg, Q, p)  # heads first
-    xd_h = (x * dt_q.unsqueeze(-1)).transpose(2, 3).reshape(m, k, g, hg, Q, p)
-    dxd = dxd + (P.transpose(-1, -2) @ dy_h).view(m, k, h, Q, p).transpose(2, 3)
-    dP = dy_h @ xd_h.transpose(-1, -2)  # (m, k, g, hg, Q, Q)
-    dPL = dP * L
-    dCB = dPL.sum(3).tril_()  # (m, k, g, Q, Q)
-    dC = dC + dCB @ B_c
-    dB = dB + dCB.transpose(-1, -2) @ C_c
-    Z = (dPL * CB.unsqueeze(3)).view(m, k, h, Q, Q)  # L o dL
+    CB = _matmul(C_c, B_t, buf.CB).tril_()  # (K, g, Q, Q)
+    L = decay_matrix(plain, out=buf.L, work=(buf.U_t, buf.V, buf.sums))  # (K, h, Q, Q)
+    Lg = L.view(K, g, hg, Q, Q)
+    P = torch.mul(Lg, CB.unsqueeze(2), out=buf.P.view(Lg.shape)).view(K, h, Q, Q)
+    xd = torch.mul(x, dt_q, out=buf.tmp)  # (K, Q, h, p)
+    # per chunk one batched matmul over heads: BLAS reads the time-major x and dy in place
+    for P_k, dy_k, xd_k, dxd_k, dP_k in zip(P, dy, xd, buf.dxd_h, buf.dP):
+        dy_k = dy_k.transpose(0, 1)  # (h, Q, p), a view
+        torch.bmm(P_k.transpose(-1, -2), dy_k, out=dxd_k)  # P^T dY
+        torch.bmm(dy_k, xd_k.transpose(0, 1).transpose(-1, -2), out=dP_k)  # dY xd^T
+    dxd.add_(buf.dxd_h.transpose(1, 2))
+    dPL = buf.dP.mul_(L).view(K, g, hg, Q, Q)
+    dCB = torch.sum(dPL, 2, out=buf.dCB).tril_()  # (K, g, Q, Q)
+    dC = torch.baddbmm(dC.flatten(0, 1), dCB.flatten(0, 1), B_c.flatten(0, 1),
+                       out=dC.flatten(0, 1)).view(dC.shape)  # fmt: skip
+    dB = torch.baddbmm(dB.flatten(0, 1), dCB.transpose(-1, -2).flatten(0, 1),
+                       C_c.flatten(0, 1), out=dB.flatten(0, 1)).view(dB.shape)  # fmt: skip
+    Z = torch.mul(dPL, CB.unsqueeze(2), out=buf.P.view(dPL.shape)).view(K, h, Q, Q)  # L o dL
 
     # dt and A through the exponents cs
-    EdE = (E_s * dE).transpose(-1, -2)  # (m, k, h, Q)
-    dcs = (F_t * dF).transpose(-1, -2) + Z.sum(-1) - Z.sum(-2) - EdE  # (m, k, h, Q)
-    dcs[..., -1] += d.whole * dW + EdE.sum(-1)
-    ddA = dcs.flip(-1).cumsum(-1).flip(-1)  # sum over t >= k
-    ddt = (x * dxd).sum(-1).transpose(-1, -2) + A[:, None] * ddA  # (m, k, h, Q)
-    dA = (d.dt * ddA).sum((0, 1, 3))
-    dx = dxd * dt_q.unsqueeze(-1)
+    EdE = (E_s.squeeze(-1) * dE).transpose(-1, -2)  # (K, h, Q)
+    dcs = (F_t.squeeze(-1) * dF).transpose(-1, -2) + Z.sum(-1) - Z.sum(-2) - EdE
+    dcs[..., -1] += whole.reshape(K, h) * dW.reshape(K, h) + EdE.sum(-1)
+    ddA = dcs.flip(-1).cumsum(-1).flip(-1)  # (K, h, Q): sum over t >= k
+    ddt = torch.mul(x, dxd, out=buf.tmp).sum(-1).transpose(-1, -2) + A[:, None] * ddA
+    dA = (d.dt * ddA).sum((0, 2))
+    dx = torch.mul(dxd, dt_q, out=buf.dx if dx_out is None else dx_out)
     dD = None
     if D is not None:
-        dx = dx + dy * D[:, None]
-        dD = (dy * x).sum((0, 1, 2, 4))
-    return dx, ddt, dA, by_time_n(dB), by_time_n(dC), dD, G[:, 0]
+        dx.addcmul_(dy, D[:, None])
+        dD = torch.mul(dy, x, out=buf.tmp).sum((0, 1, 3))
+    return G_in.view(m, g, n, hgp), dx, dB, dC, ddt, dA, dD
 
 
-def by_time_n(t: Tensor) -> Tensor:
-    """(m, k, g, Q, n) -> (m, k, Q, g, n)."""
-    return t.transpose(2, 3)
+def _matmul_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """a @ b written into out, which is a strided view of a time-major buffer when g > 1."""
+    if out.is_contiguous():
+        return _matmul(a, b, out)
+    return out.copy_(a @ b)
