@@ -179,8 +179,10 @@ def one_rank_dies() -> None:
 
 def test_a_dying_rank_fails_the_run_instead_of_hanging_it() -> None:
     t0 = time.monotonic()
-    with pytest.raises(Exception, match="rank 1 gives up"):
+    with pytest.raises(Exception) as failure:
         run_parallel(one_rank_dies, 2, timeout_s=20)
+    # whichever rank is reported first: the one that gave up, or rank 0 losing its peer
+    assert "rank 1 gives up" in str(failure.value) or "Connection" in str(failure.value)
     assert time.monotonic() - t0 < 60
 
 
