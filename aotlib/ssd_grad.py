@@ -69,6 +69,7 @@ from aotlib.ssd_chunks import (
     chunks_of,
     decay_matrix,
     flat_decays,
+    new_output,
 )
 
 
@@ -88,7 +89,7 @@ class ChunkedSSD(torch.autograd.Function):
         g, n = B.shape[2:]
         dt_c = torch.nn.functional.pad(dt, (0, 0, 0, c * Q - l)).view(b, c, Q, h)
         dec = chunk_decays(dt_c, A, _sub_chunk_length(Q))  # small: (b, c, h, ...)
-        states = x.new_empty(b, c + 1, g, n, S0.shape[-1])  # entering each chunk, then last
+        states = new_output(x, b, c + 1, g, n, S0.shape[-1])  # entering each chunk, the last
         y, S = _chunked_in_blocks(x, dec, B, C, D, S0, states=states)
         ctx.save_for_backward(x, A, B, C, D, states)
         ctx.dec = dec  # an intermediate: small next to x
@@ -137,7 +138,7 @@ def chunked_backward(
     m, k = block_plan(b, c, h, Q, p, n)
     K = m * k
     plain = dec.without_dt()  # decay_matrix(plain) = L, without dt
-    dx = x.new_empty(b, l, h, p)
+    dx = new_output(x, b, l, h, p)
     dB, dC = B.new_empty(b, l, g, n), C.new_empty(b, l, g, n)
     ddt = dec.dt.new_empty(b, c, h, Q)  # dec's layout (padded), reordered at the end
     dA = A.new_zeros(A.shape)

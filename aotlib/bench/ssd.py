@@ -1,6 +1,7 @@
 """SSD efficiency (the paper's Fig. 10) on this machine: every SSD path and attention, side by side.
 
-    python -m aotlib.bench ssd [--device cpu|cuda] [--quick] [--threads N] [--out DIR]
+    python -m aotlib.bench ssd [--quick] [--threads N] [--out DIR]
+    python -m aotlib.bench ssd --device cuda     # = python -m aotlib.bench gpu --what timings
 
 Paths, all timed forward only (inference mode) on the same inputs (b=2, h=8, p=64, g=1,
 Q=64; N=64 unless swept):
@@ -15,7 +16,7 @@ Q=64; N=64 unless swept):
 - sdpa:      causal attention, torch.nn.functional.scaled_dot_product_attention, with the
              same batch, heads and head dim (q, k, v of shape (b, h, l, p)).
 
-Sweeps: sequence length (CPU 512..16K; CUDA 512..256K) at N=64, and state size N=16..256
+Sweeps: sequence length 512..16K (CUDA: `aotlib.bench.gpu`) at N=64, and state size N=16..256
 at length 4096. The scan and the quadratic form are skipped, and printed as "skipped",
 where they would take too long (scan: l*N over a cap) or too much memory (quadratic:
 about 6 (b, h, l, l) tensors).
@@ -39,12 +40,22 @@ How things are measured:
   multi-threaded timings measure the scheduler (an oversubscribed 2-thread run here
   was 50x slower on some calls) more than the code.
 
+Training (CPU; `--train-only` runs just this, into ssd_<device>_train.csv): at lengths
+1K, 4K, 16K and 64K, the forward (inference mode), forward+backward through the chunked
+path's written-out backward (`aotlib.ssd_grad`, what training runs) and, as the
+before/after A/B in the same process, forward+backward with autograd through the chunked
+steps (`ssd_chunked(..., backward="autograd")`, the training path before it). Each is a
+share of the matmul rate, timed in alternating pairs with the matmul (median ratio);
+forward+backward counts 3x the forward's FLOPs (the backward's matmuls are about twice
+the forward's). Peak memory of each at each length, as above (fresh subprocesses).
+
 Results go to results/bench/ssd_<device>.csv (long format: one row per measurement).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -55,7 +66,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,6 +109,9 @@ class Setup:
     threads: int = 1
     min_reps: int = 3  # timed calls after the warm-up (unless the first call takes > 1 s)
     paths: tuple[str, ...] = ("ssd", "listing", "scan", "quadratic", "sdpa")
+    train_lengths: tuple[int, ...] = (1024, 4096, 16384, 65536)  # forward and fwd+bwd shares
+    train_pairs: int = 3  # matmul / path pairs per length
+    train_memory: bool = True  # peak memory of each training path (subprocesses)
 
 
 def setup_for(device: str = "cpu", quick: bool = False, threads: int = 1) -> Setup:
@@ -107,6 +121,7 @@ def setup_for(device: str = "cpu", quick: bool = False, threads: int = 1) -> Set
             return Setup(
                 lengths=(256, 512, 1024), states=(16, 64), state_length=512,
                 listing_at=1024, sdpa_at=1024, memory_at=1024, threads=threads,
+                train_lengths=(256, 1024), train_pairs=2, train_memory=False,
             )  # fmt: skip
         return Setup(threads=threads)
     if device != "cuda":
@@ -116,7 +131,7 @@ def setup_for(device: str = "cpu", quick: bool = False, threads: int = 1) -> Set
     return Setup(
         device="cuda", dtype="bfloat16", lengths=lengths, threads=threads,
         scan_cap=16384 * 64, quadratic_bytes=0.25 * total,
-        paths=("ssd", "chunked", "listing", "scan", "quadratic", "sdpa"),
+        paths=("ssd", "chunked", "listing", "scan", "quadratic", "sdpa"), train_lengths=(),
     )  # fmt: skip
 
 
@@ -199,7 +214,9 @@ def path_call(path: str, inp: dict[str, Tensor], chunk: int) -> Callable[[], obj
     if path == "sdpa":
         q, k, v = (x.transpose(1, 2).contiguous() for _ in range(3))  # (b, h, l, p)
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    raise ValueError(f"unknown path {path!r}; choose from {PATHS}")
+    if path in TRAIN_PATHS[1:]:
+        return train_call(path, inp, chunk)
+    raise ValueError(f"unknown path {path!r}; choose from {PATHS + TRAIN_PATHS[1:]}")
 
 
 def skip_reason(path: str, seqlen: int, dstate: int, setup: Setup) -> str | None:
@@ -326,7 +343,8 @@ def _rss_peak() -> int:
 def peak_memory_here(path: str, setup: Setup, seqlen: int) -> float:
     """Peak memory (bytes) one call of `path` adds on top of its inputs, in this process."""
     inp = make_inputs(setup, seqlen, setup.dstate)
-    with torch.inference_mode():
+    mode = contextlib.nullcontext() if path in TRAIN_PATHS[1:] else torch.inference_mode()
+    with mode:
         path_call(path, make_inputs(setup, 2 * setup.chunk, setup.dstate), setup.chunk)()
         fn = path_call(path, inp, setup.chunk)
         gc.collect()
@@ -354,11 +372,125 @@ def peak_memory(path: str, setup: Setup, seqlen: int) -> float:
 
 
 # ---------------------------------------------------------------------------
+# Training: forward and forward+backward
+# ---------------------------------------------------------------------------
+
+# The forward (the public path, inference mode); forward+backward through the chunked
+# path's written-out backward (what training runs); the same through autograd over the
+# chunked steps (the training path before `aotlib.ssd_grad`: the A/B).
+TRAIN_PATHS = ("ssd", "ssd_fwd_bwd", "autograd_fwd_bwd")
+TRAIN_TARGETS = {"ssd": 0.6, "ssd_fwd_bwd": 0.5}  # shares of the matmul rate (issue 15)
+
+
+def train_call(path: str, inp: dict[str, Tensor], chunk: int) -> Callable[[], object]:
+    """One forward+backward (gradients of every input for a fixed random dy)."""
+    leaves = [inp[k].detach().requires_grad_(True) for k in ("x", "dt", "A", "B", "C")]
+    dy = torch.randn_like(inp["x"])
+    backward = "chunked" if path == "ssd_fwd_bwd" else "autograd"
+
+    def step():
+        y = ssd_chunked(*leaves, chunk, backward=backward)
+        return torch.autograd.grad(y, leaves, dy)
+
+    return step
+
+
+def train_sweep(setup: Setup, log: Callable[[str], None] = print) -> list[dict]:
+    """Rows (for `run`'s add) of the training sweep: per length, each path's best time and
+    median share over `train_pairs` alternating (matmul, path) pairs, then peak memory."""
+    rows: list[dict] = []
+    for seqlen in setup.train_lengths:
+        inp = make_inputs(setup, seqlen, setup.dstate)
+        flops = ssd_flops(setup, seqlen, setup.dstate)
+        calls = {path: path_call(path, inp, setup.chunk) for path in TRAIN_PATHS}
+        times: dict[str, list[float]] = {path: [] for path in TRAIN_PATHS}
+        shares: dict[str, list[float]] = {path: [] for path in TRAIN_PATHS}
+        for _ in range(setup.train_pairs):
+            for path, call in calls.items():
+                rate = matmul_rate(setup)
+                mode = torch.inference_mode() if path == "ssd" else contextlib.nullcontext()
+                with mode:
+                    seconds = time_call(call, setup.device, setup.min_reps)
+                work = flops * (1 if path == "ssd" else 3)
+                times[path].append(seconds)
+                shares[path].append(work / seconds / rate)
+        del inp, calls
+        gc.collect()
+        for path in TRAIN_PATHS:
+            share = sorted(shares[path])[len(shares[path]) // 2]
+            seconds = min(times[path])
+            mb = peak_memory(path, setup, seqlen) / 2**20 if setup.train_memory else math.nan
+            gflops = flops * (1 if path == "ssd" else 3) / seconds / 1e9
+            rows.append(dict(sweep="train", path=path, seqlen=seqlen, dstate=setup.dstate,
+                             time_s=seconds, gflops=gflops, share=share, peak_mb=mb))  # fmt: skip
+            log(f"train  l={seqlen:<7d} {path:17s} {seconds * 1e3:10.2f} ms  share "
+                f"{share:.2f}  peak {mb:8.1f} MiB")  # fmt: skip
+    return rows
+
+
+def summarize_train(df: pd.DataFrame) -> list[tuple]:
+    """(name, at, value, op, goal) for the training sweep: the lowest share over lengths of
+    the forward and of forward+backward, and the A/B speed-up over autograd."""
+    sel = df[df.sweep == "train"]
+    if sel.empty:
+        return []
+    at = f"l<={int(sel.seqlen.max()) // 1024}K"
+    by = sel.pivot(index="seqlen", columns="path", values="share")
+    t = sel.pivot(index="seqlen", columns="path", values="time_s")
+    speedup = float((t["autograd_fwd_bwd"] / t["ssd_fwd_bwd"]).min())
+    return [
+        ("forward share (lowest)", at, float(by["ssd"].min()), ">=", TRAIN_TARGETS["ssd"]),
+        ("fwd+bwd share (lowest)", at, float(by["ssd_fwd_bwd"].min()), ">=",
+         TRAIN_TARGETS["ssd_fwd_bwd"]),
+        ("fwd+bwd speed-up vs autograd", at, speedup, ">=", 1.0),
+    ]  # fmt: skip
+
+
+def format_train(df: pd.DataFrame) -> list[str]:
+    """The training sweep as a table: share of the matmul rate, time and peak memory."""
+    sel = df[df.sweep == "train"]
+    if sel.empty:
+        return []
+    table = sel.pivot(index="seqlen", columns="path", values=["share", "time_s", "peak_mb"])
+    cols = {}
+    for path in TRAIN_PATHS:
+        cols[f"{path} share"] = table["share"][path].map("{:.2f}".format)
+        cols[f"{path} ms"] = (table["time_s"][path] * 1e3).map("{:.1f}".format)
+        cols[f"{path} MiB"] = table["peak_mb"][path].map("{:.0f}".format)
+    import pandas as pd
+
+    return ["", "training sweep (ssd = forward; fwd+bwd counts 3x its FLOPs):",
+            pd.DataFrame(cols).to_string()]  # fmt: skip
+
+
+def plot_train(ax, df: pd.DataFrame) -> None:
+    """Share of the matmul rate against length: forward, forward+backward, and the
+    forward+backward through autograd (the training path before), with the goals."""
+    sel = df[df.sweep == "train"]
+    labels = {"ssd": "forward", "ssd_fwd_bwd": "forward+backward",
+              "autograd_fwd_bwd": "forward+backward, autograd (before)"}  # fmt: skip
+    styles = {"ssd": STYLE["ssd"], "ssd_fwd_bwd": dict(color="C1", marker="v", lw=2.2),
+              "autograd_fwd_bwd": dict(color="0.5", marker="s", ls="--")}  # fmt: skip
+    for path in TRAIN_PATHS:
+        one = sel[sel.path == path].sort_values("seqlen")
+        ax.plot(one.seqlen, one.share, label=labels[path], ms=4, **styles[path])
+    for path, goal in TRAIN_TARGETS.items():
+        ax.axhline(goal, color=styles[path]["color"], ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("share of the matmul rate")
+    if len(df):
+        ax.set_title(panel_title(df), fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+
+
+# ---------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------
 
 
-def run(setup: Setup, log: Callable[[str], None] = print) -> pd.DataFrame:
+def run(setup: Setup, log: Callable[[str], None] = print, train_only: bool = False) -> pd.DataFrame:
     """Every measurement of one benchmark run, as a long table (see COLUMNS)."""
     torch.set_num_threads(setup.threads)
     rows: list[dict] = []
@@ -375,6 +507,12 @@ def run(setup: Setup, log: Callable[[str], None] = print) -> pd.DataFrame:
 
     if hasattr(os, "getloadavg"):
         log(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    if train_only:
+        for row in train_sweep(setup, log):
+            add(**row)
+        import pandas as pd
+
+        return pd.DataFrame(rows).reindex(columns=COLUMNS)
     share, matmul_gflops = flop_share(setup)
     log(f"ssd FLOP rate / matmul rate at l={setup.listing_at}: {share:.2f} (median of pairs)")
     sweeps = [("length", l, setup.dstate) for l in setup.lengths]
@@ -415,6 +553,8 @@ def run(setup: Setup, log: Callable[[str], None] = print) -> pd.DataFrame:
         mb = peak_memory(path, setup, setup.memory_at) / 2**20
         add("memory", path, setup.memory_at, setup.dstate, peak_mb=mb)
         log(f"memory l={setup.memory_at} {path:10s} peak {mb:10.1f} MiB")
+    for row in train_sweep(setup, log):
+        add(**row)
     import pandas as pd
 
     return pd.DataFrame(rows).reindex(columns=COLUMNS)
@@ -428,6 +568,8 @@ def _time_of(df: pd.DataFrame, path: str, seqlen: int, sweep: str = "length") ->
 def summarize(df: pd.DataFrame, setup: Setup) -> list[dict]:
     """The headline ratios, each with its target and PASS/FAIL (targets are CPU ones on
     CPU; on CUDA the attention target is the paper's 'faster than FlashAttention-2')."""
+    if not (df.sweep == "share").any():  # a --train-only run
+        return _with_verdicts(summarize_train(df))
     share = float(df[df.sweep == "share"].share.iloc[0])
     ssd_at = _time_of(df, "ssd", setup.listing_at)
     vs_listing = _time_of(df, "listing", setup.listing_at) / ssd_at
@@ -441,6 +583,10 @@ def summarize(df: pd.DataFrame, setup: Setup) -> list[dict]:
         ("speed-up vs causal SDPA", f"l={setup.sdpa_at}", vs_sdpa, ">=", sdpa_target),
         ("peak memory ssd / listing", f"l={setup.memory_at}", mem_ratio, "<=", 0.5),
     ]
+    return _with_verdicts(out + summarize_train(df))
+
+
+def _with_verdicts(out: list[tuple]) -> list[dict]:
     result = []
     for name, where, value, op, target in out:
         ok = value >= target if op == ">=" else value <= target
@@ -459,6 +605,8 @@ def format_report(df: pd.DataFrame, setup: Setup, summary: list[dict]) -> str:
     for sweep, key, title in [("length", "seqlen", f"N={setup.dstate}"),
                               ("state", "dstate", f"l={setup.state_length}")]:  # fmt: skip
         sel = df[df.sweep == sweep].copy()
+        if sel.empty:
+            continue
         sel["cell"] = [
             f"{t * 1e3:.2f}" if s == "ok" else s.split(":")[0]
             for t, s in zip(sel.time_s, sel.status)
@@ -467,11 +615,13 @@ def format_report(df: pd.DataFrame, setup: Setup, summary: list[dict]) -> str:
         table = table[[p for p in setup.paths if p in table.columns]]
         lines += ["", f"time vs {key} ({title}):", table.to_string()]
     rate = df[df.sweep == "matmul"].gflops
-    lines += [
-        "",
-        f"matmul rate: median {rate.median():.1f} GFLOP/s, range {rate.min():.1f}-"
-        f"{rate.max():.1f} ({len(rate)} measurements, alternating with the ssd path)",
-    ]
+    if len(rate):
+        lines += [
+            "",
+            f"matmul rate: median {rate.median():.1f} GFLOP/s, range {rate.min():.1f}-"
+            f"{rate.max():.1f} ({len(rate)} measurements, alternating with the ssd path)",
+        ]
+    lines += format_train(df)
     lines += [f"{'target':30s} {'at':8s} {'value':>8s}   goal"]
     for s in summary:
         verdict = "PASS" if s["pass"] else "FAIL"
@@ -589,6 +739,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", type=Path, default=None, help="CSV folder (results/bench)")
     parser.add_argument("--json", type=Path, default=None, help="also write the targets here")
+    parser.add_argument(
+        "--train-only",
+        action="store_true",
+        help="only the forward and forward+backward shares (CPU)",
+    )
+    parser.add_argument(
+        "--train-lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="lengths of the training sweep (default 1K 4K 16K 64K)",
+    )
+    parser.add_argument("--train-pairs", type=int, default=None,
+                        help="matmul/path pairs per length (default 3)")  # fmt: skip
     parser.add_argument("--peak-memory-of", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--setup", default=None, help=argparse.SUPPRESS)
@@ -601,15 +765,25 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"peak_bytes": peak_memory_here(args.peak_memory_of, setup, args.length)}))
         return 0
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device is visible", file=sys.stderr)
-        return 1
+    if args.device == "cuda":
+        # The GPU's goals are the paper's (against FlashAttention), not the CPU's FLOP share.
+        from aotlib.bench import gpu
+
+        print("--device cuda: running `python -m aotlib.bench gpu --what timings`")
+        out = ["--out", str(args.out)] if args.out else []
+        return gpu.main(["--what", "timings", *(["--quick"] if args.quick else []), *out])
     setup = setup_for(args.device, args.quick, args.threads)
-    df = run(setup)
+    if args.train_lengths:
+        setup = replace(setup, train_lengths=tuple(args.train_lengths))
+    if args.train_pairs:
+        setup = replace(setup, train_pairs=args.train_pairs)
+    df = run(setup, train_only=args.train_only)
     summary = summarize(df, setup)
     print()
     print(format_report(df, setup, summary))
     path = csv_path(args.device, args.out)
+    if args.train_only:
+        path = path.with_name(f"{path.stem}_train.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(path, index=False)
     print(f"\nwrote {path}")
