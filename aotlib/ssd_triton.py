@@ -36,8 +36,8 @@ this module sets TRITON_INTERPRET=1 before importing triton: CPU tensors then ru
 through the interpreter (float32 only, slow; used by the tests). With a CUDA device the
 kernels are compiled and want CUDA tensors; CPU tensors raise a ValueError that says to
 set TRITON_INTERPRET=1 (or use `aotlib.ssd.ssd_chunked`). On GPU, float32, bfloat16 and
-float16 inputs are accepted; dots use TF32, except exact float32 for float16 inputs
-(`EXACT_DOT_DTYPES`).
+float16 inputs are accepted; dots use TF32, and 3xTF32 (float32 accuracy) for float16
+inputs (`DOT_PRECISION`).
 """
 
 from __future__ import annotations
@@ -71,14 +71,17 @@ NAN_FILL: bool = False
 MAX_BLOCK: int = 64
 # Largest chunk: a (Q, Q) float32 tile must stay on chip.
 MAX_CHUNK = 128
-# Inputs whose dots run exact in float32 (tl.dot input_precision "ieee"); the others use
-# TF32 on GPU (the interpreter is exact either way). TF32 keeps a 10-bit significand and
-# rounds the float32 tiles the kernels compute (decay-weighted inputs, states, L o C B^T):
-# beside bfloat16's own 7-bit inputs that is noise, but float16 inputs keep 10 bits, so
-# TF32 doubles their error; the dA gradient, a sum over every step, reached 0.71 of its
-# tolerance in an emulated TF32 run (length 33, chunk 8, 2 groups). Exact dots cost speed
-# on tensor cores; the models train in bfloat16 (autocast), which keeps TF32.
-EXACT_DOT_DTYPES: tuple[torch.dtype, ...] = (torch.float16,)
+# tl.dot's input precision by input dtype; any other dtype: "tf32" (the interpreter is
+# exact either way). TF32 keeps a 10-bit significand and rounds the float32 tiles the
+# kernels compute (decay-weighted inputs, states, L o C B^T): beside bfloat16's own 7-bit
+# inputs that is noise, but float16 inputs keep 10 bits, so TF32 doubles their error; the
+# dA gradient, a sum over every step, reached 0.71 of its tolerance in an emulated TF32
+# run (length 33, chunk 8, 2 groups). Float16 runs "tf32x3": each operand split into two
+# TF32 parts, three tensor-core products, float32's accuracy to ~2^-21, at ~3x a TF32
+# dot. Not "ieee" (exact float32 on the CUDA cores): compiled for sm_90 its chunk-state
+# kernel spills 7-15 KB of registers per thread (ptxas -v: `gpu_check.py --compile-only
+# --spills`). The models train in bfloat16 (autocast), on TF32.
+DOT_PRECISION: dict[torch.dtype, str] = {torch.float16: "tf32x3"}
 
 
 # ---------------------------------------------------------------------------
@@ -721,8 +724,9 @@ def _grid(*sizes: int) -> tuple[int]:
 
 
 def _dot_precision(*tensors: Tensor) -> str:
-    """tl.dot's input precision for these inputs: "ieee" (exact float32) or "tf32"."""
-    return "ieee" if any(t.dtype in EXACT_DOT_DTYPES for t in tensors) else "tf32"
+    """tl.dot's input precision for these inputs (`DOT_PRECISION`, else "tf32")."""
+    found = [DOT_PRECISION[t.dtype] for t in tensors if t.dtype in DOT_PRECISION]
+    return found[0] if found else "tf32"
 
 
 def _chunk_cumsum(dt: Tensor, A: Tensor, Q: int, nchunks: int) -> Tensor:

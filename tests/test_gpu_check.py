@@ -95,9 +95,8 @@ def test_kernel_stage_runs_and_catches_a_wrong_result(tmp_path, monkeypatch):
     rows = list(csv.DictReader(open(tmp_path / "kernels_fp16.csv")))
     failed = {r["tensor"] for r in rows if r["pass"] == "False"}
     assert "y" in failed and "final_state" not in failed
-    checks = {c.name: c for c in gpu_check.kernels_checks(
-        {"kernels fp32": 0, "kernels bf16": None, "kernels fp16": 1}, n_cases=len(SMALL)
-    )}  # fmt: skip
+    codes = {"fp32": [0, 0], "bf16": [0, None], "fp16": [0, 1]}  # per shard; None: killed
+    checks = {c.name: c for c in gpu_check.kernels_checks(codes, n_cases=len(SMALL))}
     assert checks["kernels-fp32"].status == "PASS", checks["kernels-fp32"]
     assert checks["kernels-bf16"].status == "TIMEOUT"
     assert checks["kernels-fp16"].status == "FAIL" and "wrong-y" in checks["kernels-fp16"].detail
@@ -184,15 +183,18 @@ def test_driver_turns_stage_outputs_into_one_line_per_check(tmp_path, monkeypatc
         codes = {}
         for label in cmds:
             if label.startswith("kernels"):
-                d = label.split()[1]
-                names = [c.name for c in kernels.CASES] + ["backward-deterministic"]
-                with open(tmp_path / f"kernels_{d}.csv", "w", newline="") as f:
+                _, d, i = label.split()
+                i = int(i)
+                names = [c.name for c in kernels.CASES[i :: gpu_check.SHARDS]]
+                names += ["backward-deterministic"] if i == 0 else []
+                killed = d == "fp16" and i == 3  # one fp16 shard runs out of time
+                with open(gpu_check._kernel_part(d, i), "w", newline="") as f:
                     w = csv.DictWriter(f, fieldnames=gpu_check.KERNEL_FIELDS)
                     w.writeheader()
-                    for name in names[:5] if d == "fp16" else names:  # fp16: killed midway
+                    for name in names[:1] if killed else names:
                         w.writerow({"case": name, "dtype": d, "tensor": "dA", "max_err": "5e-3",
                                     "mean_err": "1e-4", "tol": "1e-2", "pass": True})  # fmt: skip
-                codes[label] = None if d == "fp16" else 0
+                codes[label] = None if killed else 0
             elif label == "model":
                 row = {"check": "model-130m-fp32", "loss_triton": 10.9, "loss_chunked": 10.9,
                        "loss_rel_diff": 1e-6, "limits": {"loss_rel_diff": 1e-3,
@@ -208,6 +210,8 @@ def test_driver_turns_stage_outputs_into_one_line_per_check(tmp_path, monkeypatc
                 summary = gpu.compare(rows, setup)
                 (tmp_path / "ssd_cuda_summary.json").write_text(json.dumps(summary))
                 codes[label] = 0
+            elif label == "warm-up":
+                codes[label] = 0
             elif label == "pytest":
                 (tmp_path / "pytest_ssd_triton.xml").write_text(
                     '<testsuites><testsuite tests="90" failures="0" errors="0" skipped="20">'
@@ -219,7 +223,13 @@ def test_driver_turns_stage_outputs_into_one_line_per_check(tmp_path, monkeypatc
     monkeypatch.setattr(gpu_check, "run_processes", fake_stages)
     stages = ["kernels", "model", "timings", "pytest"]
     assert gpu_check.gpu_check(stages) == 1  # fp16 timed out
+    assert sorted(p.name for p in tmp_path.glob("kernels_*")) == [
+        "kernels_bf16.csv", "kernels_fp16.csv", "kernels_fp32.csv",
+    ]  # fmt: skip
+    rows = list(csv.DictReader(open(tmp_path / "kernels_bf16.csv")))
+    assert len(rows) == len(kernels.CASES) + 1
     summary = (tmp_path / "summary.txt").read_text()
+    print(summary)
     verdicts = ("PASS", "FAIL", "TIMEOUT", "SKIP")
     words = [line.split() for line in summary.splitlines()[1:-1]]
     lines = {w[1]: w[0] for w in words if w and w[0] in verdicts}

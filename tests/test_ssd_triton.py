@@ -317,10 +317,12 @@ def test_launch_grids_stay_within_cuda_limits(launches, monkeypatch, shape, chun
 
 @pytest.mark.parametrize(
     "dtype, precision",
-    [(torch.float16, "ieee"), (torch.bfloat16, "tf32"), (torch.float32, "tf32")],
+    [(torch.float16, "tf32x3"), (torch.bfloat16, "tf32"), (torch.float32, "tf32")],
 )
-def test_float16_runs_exact_dots(launches, monkeypatch, dtype, precision):
-    """Float16 keeps 10 significand bits, as many as TF32: its dots run exact (ieee)."""
+def test_float16_dots_keep_float32_accuracy(launches, monkeypatch, dtype, precision):
+    """Float16 keeps 10 significand bits, as many as TF32: its dots run at float32's
+    accuracy (3xTF32), every other dtype's on TF32. (The interpreter's dot is exact
+    whatever it is told: the GPU check measures the difference.)"""
     monkeypatch.setattr(ssd_triton, "NAN_FILL", False)
     _fwd_bwd(1, 20, 2, 8, 1, 8, 8, dtype)
     dots = {name: kw["DOT"] for name, _, kw, _ in launches if "DOT" in kw}

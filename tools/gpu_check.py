@@ -7,21 +7,24 @@ network, no pytest or pandas needed (the Makefile target sets PYTHONPATH to the 
     python3 tools/gpu_check.py --only kernels model
     python3 tools/gpu_check.py --compile-only [--arch 90] [--dtype fp32 bf16 fp16]  # no GPU
 
-Stages, each a subprocess with its own time limit inside a 7 min 45 s budget (a stage
-that hangs is killed, reported TIMEOUT, and the next one runs); progress is printed as
-it goes and everything lands in results/gpu/:
+Stages in subprocesses, each with its own time limit inside a 7 min 45 s budget (a
+process that hangs is killed, reported TIMEOUT, and the next stage runs); progress is
+printed as it goes and everything lands in results/gpu/:
 
-  env      versions and device                                    env.json
-  kernels  the Triton kernels compiled, float32 / bfloat16 / float16 kernels_<dtype>.csv
-           in parallel: `aotlib.bench.kernels.CASES` against the
-           float64 reference (output, final state, every gradient),
-           NaN-filled buffers, plus a bit-identical backward check
-  model    a Mamba-2 130m-shaped model, loss and all gradients,        model_check.json
-           Triton against the PyTorch chunked path (fp32, bf16)
-  timings  SSD forward and forward+backward against causal SDPA       ssd_cuda.csv
-           (FlashAttention-2) and the chunked path, 512..32K tokens   ssd_cuda_summary.json
-           and N = 16..256, the paper's claims printed beside
-  pytest   tests/test_ssd_triton.py compiled, if pytest is installed  pytest_ssd_triton.xml
+  env      versions and device                                     env.json
+  checks   side by side (correctness only, so sharing the GPU is harmless):
+   kernels   the Triton kernels compiled, float32/bfloat16/float16, kernels_<dtype>.csv
+             4 processes each (Triton compiles on the CPU):
+             `aotlib.bench.kernels.CASES` against the float64
+             reference (output, final state, every gradient) in
+             NaN-filled buffers, plus a bit-identical backward
+   model     a Mamba-2 130m-shaped model (chunk 256), loss and every   model_check.json
+             gradient, Triton against the chunked path (fp32, bf16)
+   warm-up   the timed kernels compiled into Triton's disk cache
+  timings  alone on the GPU: SSD forward and forward+backward against  ssd_cuda.csv
+           causal SDPA (FlashAttention-2) and the chunked path, 512 to  ssd_cuda_summary.json
+           32K tokens and N = 16..256, the paper's claims beside
+  pytest   tests/test_ssd_triton.py compiled, if pytest is installed   pytest_ssd_triton.xml
            (optional: skipped without pytest or time)
 
 Then one PASS / FAIL / TIMEOUT / SKIP line per check (summary.txt, gpu_check.json) and
@@ -60,6 +63,10 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 IO_POINTERS = {"x_ptr", "dy_ptr", "dx_ptr", "y_ptr", "u_ptr", "v_ptr", "B_ptr", "C_ptr"}
 IO_POINTERS |= {"dt_ptr", "A_ptr", "D_ptr", "carry_in_ptr"}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# Processes per dtype for the kernel checks: Triton compiles each kernel variant on the
+# CPU at its first launch (~1-3 s, ~120 variants per dtype), so 3 x 4 processes share
+# the machine's cores; the model check and the timings' warm-up run beside them.
+SHARDS = 4
 BUDGET_S = 465.0  # the whole check: 7 min 45 s
 
 
@@ -71,9 +78,10 @@ class Stage(NamedTuple):
 
 STAGES = [
     Stage("env", 90, 20),
-    Stage("kernels", 210, 0),  # nothing before it to reserve against
-    Stage("model", 90, 45),
-    Stage("timings", 150, 90),
+    # kernels and model, side by side (correctness only: sharing the GPU is harmless),
+    # with the timings' warm-up compiling their kernels into Triton's disk cache
+    Stage("checks", 240, 0),
+    Stage("timings", 150, 90),  # alone on the GPU
     Stage("pytest", 120, 0),
 ]
 # What each stage writes (cleared first, so no stale file passes for a fresh one).
@@ -82,8 +90,33 @@ OUTPUTS = ["env.json", "model_check.json", "ssd_cuda.csv", "ssd_cuda_summary.jso
 OUTPUTS += [f"kernels_{d}.csv" for d in DTYPES]
 
 
-def compile_only(archs: list[int], dtypes: list[str], chunks: list[int]) -> int:
-    """Compile each kernel with the launchers' tile choices; 0 if all fit on chip."""
+def ptxas_report(ptx: str, arch: int) -> str:
+    """Registers and spills of one kernel from Triton's bundled ptxas (-v), or ''."""
+    import re
+    import tempfile
+
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        return ""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"  # Triton targets sm_90a
+        cmd = [str(ptxas), "-v", "--gpu-name", gpu, f"{tmp}/k.ptx", "-o", f"{tmp}/k.cubin"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    text = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores", text)
+    return f"regs {regs.group(1) if regs else '?'} spill {spill.group(1) if spill else '?'} B"
+
+
+def compile_only(archs: list[int], dtypes: list[str], chunks: list[int], spills: bool) -> int:
+    """Compile each kernel with the launchers' tile choices; 0 if all fit on chip.
+
+    spills: also run ptxas -v on each kernel and print its registers and spilled bytes
+    (spills cost speed, not correctness: reported, never failed).
+    """
     os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported (see aotlib.ssd_triton)
     import triton
     from triton.backends.compiler import GPUTarget
@@ -116,7 +149,8 @@ def compile_only(archs: list[int], dtypes: list[str], chunks: list[int]) -> int:
             for Q in chunks:
                 launches = [(st._chunk_cumsum_kernel, {"BLOCK_Q": max(16, Q)}, 4, 1)]
                 t = st._tiles(Q, p, n, "state")
-                dot = "ieee" if dtype == "fp16" else "tf32"  # ssd_triton.EXACT_DOT_DTYPES
+                by_name = {str(d).split(".")[-1]: p for d, p in st.DOT_PRECISION.items()}
+                dot = by_name.get(DTYPES[dtype], "tf32")  # as the launchers choose
                 for from_end in (True, False):
                     ce = {"FROM_END": from_end, "DOT": dot, "BLOCK_Q": t.BLOCK_Q}
                     ce |= {"BLOCK_P": t.BLOCK_P, "BLOCK_N": t.BLOCK_N}
@@ -136,7 +170,8 @@ def compile_only(archs: list[int], dtypes: list[str], chunks: list[int]) -> int:
                 for kernel, ce, warps, stages in launches:
                     name = kernel.fn.__name__
                     try:
-                        shared = build(kernel, ce, dtype, arch, warps, stages).metadata.shared
+                        compiled = build(kernel, ce, dtype, arch, warps, stages)
+                        shared = compiled.metadata.shared
                     except Exception as err:  # report every failure, not just the first
                         print(f"FAIL sm_{arch} {dtype} Q={Q} {name}: {type(err).__name__}: {err}")
                         failures += 1
@@ -145,7 +180,8 @@ def compile_only(archs: list[int], dtypes: list[str], chunks: list[int]) -> int:
                     failures += not ok
                     print(
                         f"{'ok  ' if ok else 'FAIL'} sm_{arch} {dtype} Q={Q:<3} {name:28s} "
-                        f"shared {shared / 1024:6.1f} KiB",
+                        f"shared {shared / 1024:6.1f} KiB "
+                        + (ptxas_report(compiled.asm["ptx"], arch) if spills else ""),
                         flush=True,
                     )
     print(f"compile-only: {failures} failure(s)")
@@ -187,22 +223,29 @@ def stage_env() -> int:
 KERNEL_FIELDS = ["case", "dtype", "tensor", "max_err", "mean_err", "tol", "pass", "seconds"]
 
 
-def stage_kernels(dtype_name: str) -> int:
-    """`aotlib.bench.kernels.CASES` compiled in one dtype; a CSV row per output and gradient."""
+def stage_kernels(dtype_name: str, shard: int) -> int:
+    """Every SHARDS-th case of `aotlib.bench.kernels.CASES` compiled in one dtype, from
+    `shard`; a CSV row per output and gradient (shard 0 also checks determinism)."""
     from aotlib import ssd_triton
     from aotlib.bench import kernels
 
     if ssd_triton.INTERPRETED:
         print("triton runs in interpreter mode (TRITON_INTERPRET set?): not a GPU check")
         return 1
-    failures = run_kernel_cases(
-        kernels.CASES, "cuda", dtype_name, OUT / f"kernels_{dtype_name}.csv"
-    )
+    cases = kernels.CASES[shard::SHARDS]
+    path = _kernel_part(dtype_name, shard)
+    failures = run_kernel_cases(cases, "cuda", dtype_name, path, deterministic=shard == 0)
     return 1 if failures else 0
 
 
-def run_kernel_cases(cases: list, device: str, dtype_name: str, path: Path) -> int:
-    """Run the cases and the determinism check, writing rows as they finish; failures."""
+def _kernel_part(dtype_name: str, shard: int) -> Path:
+    return OUT / f"kernels_{dtype_name}.part{shard}.csv"
+
+
+def run_kernel_cases(
+    cases: list, device: str, dtype_name: str, path: Path, deterministic: bool = True
+) -> int:
+    """Run the cases (and the determinism check), writing rows as they finish; failures."""
     import torch
 
     from aotlib import ssd_triton
@@ -242,12 +285,28 @@ def run_kernel_cases(cases: list, device: str, dtype_name: str, path: Path) -> i
                 flush=True,
             )
             failures += bool(bad)
-        same = kernels.backward_is_deterministic(device, dtype)
-        writer.writerow({"case": "backward-deterministic", "dtype": dtype_name,
-                         "tensor": "all", "pass": same})  # fmt: skip
-        print(f"{'backward-deterministic':18s} {'ok' if same else 'FAIL'}", flush=True)
-        failures += not same
+        if deterministic:
+            same = kernels.backward_is_deterministic(device, dtype)
+            writer.writerow({"case": "backward-deterministic", "dtype": dtype_name,
+                             "tensor": "all", "pass": same})  # fmt: skip
+            print(f"{'backward-deterministic':18s} {'ok' if same else 'FAIL'}", flush=True)
+            failures += not same
     return failures
+
+
+def merge_kernel_parts() -> None:
+    """kernels_<dtype>.part<i>.csv -> kernels_<dtype>.csv, in case order."""
+    for d in DTYPES:
+        parts = [_kernel_part(d, i) for i in range(SHARDS) if _kernel_part(d, i).exists()]
+        if not parts:
+            continue
+        rows = [row for part in parts for row in csv.DictReader(open(part))]
+        with open(OUT / f"kernels_{d}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=KERNEL_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        for part in parts:
+            part.unlink()
 
 
 # ---------------------------------------------------------------------------
@@ -319,7 +378,8 @@ def _stage_cmd(*args: str) -> list[str]:
 
 def kernels_checks(codes: dict, n_cases: int | None = None) -> list[Check]:
     """One check per dtype from its CSV: every case ran (n_cases + the determinism check)
-    and passed, and its process exited 0 (None: it was killed at its time limit)."""
+    and passed, and its processes exited 0. codes: {dtype: [exit code per shard]}, None
+    for a process killed at its time limit."""
     if n_cases is None:
         from aotlib.bench.kernels import CASES
 
@@ -338,11 +398,12 @@ def kernels_checks(codes: dict, n_cases: int | None = None) -> list[Check]:
             detail += f"; worst {worst['case']}/{worst['tensor']} at {ratio:.2f} of its tolerance"
         if bad:
             detail += f"; failed: {', '.join(bad)}"
-        code = codes.get(f"kernels {d}")
-        if code is None:
+        shards = codes.get(d, [None])
+        if None in shards:
             status = "TIMEOUT"
         else:
-            status = "PASS" if code == 0 and not bad and len(cases) == n_cases + 1 else "FAIL"
+            ran = not bad and len(cases) == n_cases + 1
+            status = "PASS" if ran and all(c == 0 for c in shards) else "FAIL"
         checks.append(Check(f"kernels-{d}", status, detail))
     return checks
 
@@ -411,7 +472,7 @@ def gpu_check(only: list[str]) -> int:
     log = Log()
 
     def left(stage: Stage) -> float:
-        """This stage's time limit: its own, within what later required stages leave."""
+        """This stage's time limit: its own, within what later stages' reserves leave."""
         later = STAGES[STAGES.index(stage) + 1 :]
         reserve = sum(s.reserve_s for s in later if s.name in only)
         return min(stage.limit_s, BUDGET_S - (time.monotonic() - t_start) - reserve)
@@ -442,6 +503,8 @@ def gpu_check(only: list[str]) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     for name in OUTPUTS:
         (OUT / name).unlink(missing_ok=True)
+    for part in OUT.glob("kernels_*.part*.csv"):
+        part.unlink()
     log(f"gpu-check: {sys.executable}; stages {' '.join(only)}; budget {BUDGET_S:.0f} s")
     (OUT / "env.json").write_text(json.dumps(info, indent=2) + "\n")
     checks = [Check("env", "PASS", f"{info['device']} (sm_{info['capability'].replace('.', '')},"
@@ -450,45 +513,41 @@ def gpu_check(only: list[str]) -> int:
     log(f"PASS env: {checks[0].detail}")
     claims: list[str] = []
 
-    def stage(name: str):
-        return next(s for s in STAGES if s.name == name)
-
     def start(name: str) -> float | None:
-        limit = left(stage(name))
+        limit = left(next(s for s in STAGES if s.name == name))
         log(f"--- {name}: limit {limit:.0f} s ({time.monotonic() - t_start:.0f} s elapsed)")
         return limit if limit >= 20 else None
 
-    if "kernels" in only:
-        limit = start("kernels")
-        if limit is None:
-            checks += [Check(f"kernels-{d}", "SKIP", "no time left") for d in DTYPES]
-        else:
-            cmds = {f"kernels {d}": _stage_cmd("kernels", "--dtype", d) for d in DTYPES}
-            checks += kernels_checks(run_processes(cmds, limit, log))
-    if "model" in only:
-        limit = start("model")
-        if limit is None:
-            checks.append(Check("model-130m", "SKIP", "no time left"))
-        else:
-            cmd = [
-                sys.executable,
-                "-m",
-                "aotlib.bench",
-                "gpu",
-                "--what",
-                "model",
-                "--out",
-                str(OUT),
-            ]
-            checks += model_checks(run_processes({"model": cmd}, limit, log)["model"])
+    bench = [sys.executable, "-m", "aotlib.bench", "gpu", "--out", str(OUT), "--what"]
+    if "kernels" in only or "model" in only:
+        cmds = {}
+        if "kernels" in only:
+            for d in DTYPES:
+                for i in range(SHARDS):
+                    cmds[f"kernels {d} {i}"] = _stage_cmd(
+                        "kernels", "--dtype", d, "--shard", str(i)
+                    )
+        if "model" in only:
+            cmds["model"] = bench + ["model"]
+        if "timings" in only:
+            cmds["warm-up"] = bench + ["warmup"]  # compiles the timings' kernels meanwhile
+        limit = start("checks")
+        codes = {} if limit is None else run_processes(cmds, limit, log)
+        merge_kernel_parts()
+        if "kernels" in only:
+            shard_codes = {
+                d: [codes.get(f"kernels {d} {i}") for i in range(SHARDS)] for d in DTYPES
+            }
+            checks += kernels_checks(shard_codes)
+        if "model" in only:
+            checks += model_checks(codes.get("model"))
     if "timings" in only:
         limit = start("timings")
         if limit is None:
             checks.append(Check("timings", "SKIP", "no time left"))
         else:
-            cmd = [sys.executable, "-m", "aotlib.bench", "gpu", "--what", "timings"]
-            cmd += ["--out", str(OUT)]
-            found, claims = timings_checks(run_processes({"timings": cmd}, limit, log)["timings"])
+            code = run_processes({"timings": bench + ["timings"]}, limit, log)["timings"]
+            found, claims = timings_checks(code)
             checks += found
     if "pytest" in only:
         have_pytest = importlib.util.find_spec("pytest") is not None
@@ -528,16 +587,18 @@ def main() -> int:
     parser.add_argument("--arch", type=int, nargs="*", default=[80, 90])
     parser.add_argument("--dtype", nargs="*", default=["fp32", "bf16"])
     parser.add_argument("--chunk", type=int, nargs="*", default=[16, 64, 128])
-    stages = [s.name for s in STAGES[1:]]
+    parser.add_argument("--spills", action="store_true", help="compile-only: ptxas -v report")
+    stages = ["kernels", "model", "timings", "pytest"]
     parser.add_argument("--only", nargs="+", choices=stages, default=stages, help="stages")
     parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # a stage's process
+    parser.add_argument("--shard", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compile_only:
-        return compile_only(args.arch, args.dtype, args.chunk)
+        return compile_only(args.arch, args.dtype, args.chunk, args.spills)
     if args.stage == "env":
         return stage_env()
     if args.stage == "kernels":
-        return stage_kernels(args.dtype[0])
+        return stage_kernels(args.dtype[0], args.shard)
     return gpu_check(args.only)
 
 

@@ -35,6 +35,7 @@ import json
 import math
 import platform
 import sys
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -194,6 +195,22 @@ def run_timings(setup: Setup, log: Callable[[str], None] = print) -> list[dict]:
         del inp
         torch.cuda.empty_cache()
     return rows
+
+
+def warm_up(setup: Setup, log: Callable[[str], None] = print) -> None:
+    """Run the ssd path once at every timed shape, forward and backward: Triton compiles
+    each kernel variant into its disk cache, so the timings that follow (in another
+    process, `make gpu-check`) measure kernels, not the compiler."""
+    sweeps = [(l, setup.dstate) for l in setup.lengths]
+    sweeps += [(setup.state_length, n) for n in setup.states]
+    for seqlen, dstate in sweeps:
+        inp = make_inputs(setup, seqlen, dstate)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            ssd_call("ssd", inp, setup.chunk, backward=False)()
+        ssd_call("ssd", inp, setup.chunk, backward=True)()
+        torch.cuda.synchronize()
+        log(f"warm-up l={seqlen:<6d} N={dstate:<4d} {time.perf_counter() - t0:6.1f} s")
 
 
 def _ssd_flops(setup: Setup, seqlen: int, dstate: int) -> float:
@@ -359,12 +376,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="lengths to 4K, two state sizes")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "gpu")
-    parser.add_argument("--what", choices=["timings", "model", "both"], default="both")
+    parser.add_argument(
+        "--what", choices=["timings", "model", "warmup", "both"], default="both",
+        help="warmup: compile the timed kernels only (no timing)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device is visible (torch.cuda.is_available() is False)", file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.what == "warmup":
+        warm_up(gpu_setup(args.quick), log=lambda s: print(s, flush=True))
+        return 0
     ok = True
     if args.what in ("model", "both"):
         rows = model_check()

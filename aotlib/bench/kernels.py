@@ -26,7 +26,7 @@ from aotlib.ssd import ssd, ssd_chunked, ssd_scan
 
 # Max error relative to the reference's largest entry. The interpreter's fp32 dot is
 # exact fp32; on GPU fp32 dots use TF32 (10-bit significand), and bf16/fp16 round inputs,
-# outputs and gradients (fp16 runs exact dots, see ssd_triton.EXACT_DOT_DTYPES).
+# outputs and gradients (fp16 dots run at fp32 accuracy, see ssd_triton.DOT_PRECISION).
 TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 TOL_TF32 = 1e-2
 GRADS = ("x", "dt", "A", "B", "C", "D", "initial_state")
