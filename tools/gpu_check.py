@@ -356,7 +356,10 @@ def run_processes(cmds: dict[str, list[str]], timeout_s: float, log: Log) -> dic
         try:
             codes[label] = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the process group this driver started
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the process group this driver started
+            except ProcessLookupError:
+                pass  # it ended just now
             proc.wait()
             codes[label] = None
             log(f"[{label}] TIMEOUT after {timeout_s:.0f} s: killed")
