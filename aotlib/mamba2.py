@@ -32,11 +32,58 @@ from torch import nn
 
 from aotlib.layers import Dropout, check_input
 from aotlib.model_config import ModelConfig
-from aotlib.ssd import ssd
+from aotlib.ssd import ssd, ssd_chunked
 
 D_CONV = 4  # width of the short causal convolution (the paper's default)
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # dt init range; floor keeps log/inverse finite
 A_INIT_RANGE = (1.0, 16.0)
+
+
+class CausalConvSiLU(torch.autograd.Function):
+    """SiLU(causal depthwise conv1d(x)) over time, in the (b, l, c) layout the projection
+    makes, with its backward written out: the same numbers as nn.Conv1d (padding k-1, the
+    first l outputs) then F.silu.
+
+    out_t = SiLU(bias + sum_j w_j x_{t-(k-1-j)}), x_{<0} = 0; one multiply-add per tap
+    over the time-shifted input, in the order nn.Conv1d sums them. On CPU, nn.Conv1d wants
+    (b, c, l) and a contiguous input (a transposed copy of a slice of the projection), and
+    its depthwise backward and the SiLU backward on its transposed output were together
+    about a fifth of a Mamba-2 training step here (profiled); this is a few passes over x.
+    Backward: with da = dout SiLU'(a), dx_t = sum_j w_j da_{t+k-1-j},
+    dw_j = sum_{b,t} da_t x_{t-(k-1-j)}, dbias = sum_{b,t} da_t.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # x (b, l, c), weight (c, k), bias (c,)
+        l, k = x.shape[1], weight.shape[1]
+        a = bias.expand(x.shape).contiguous()  # (b, l, c), the pre-activation
+        for j in range(k):
+            s = k - 1 - j  # tap j reads x_{t-s}
+            if s < l:
+                a[:, s:].addcmul_(x[:, : l - s], weight[:, j])
+        ctx.save_for_backward(x, weight, a)
+        return F.silu(a)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, a = ctx.saved_tensors
+        l, k = x.shape[1], weight.shape[1]
+        da = torch.ops.aten.silu_backward(dout.contiguous(), a)  # (b, l, c)
+        dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+        dw = torch.empty_like(weight)
+        for j in range(k):
+            s = k - 1 - j
+            if s < l:
+                dx[:, : l - s].addcmul_(da[:, s:], weight[:, j])
+                dw[:, j] = (da[:, s:] * x[:, : l - s]).sum((0, 1))
+            else:
+                dw[:, j] = 0
+        return dx, dw, da.sum((0, 1))
+
+
+def causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """SiLU(conv(x)) causal in time for x (b, l, c) and a depthwise `conv` with padding k-1."""
+    return CausalConvSiLU.apply(x, conv.weight.squeeze(1), conv.bias)  # (b, l, c)
 
 
 class RMSNorm(nn.Module):
@@ -71,6 +118,11 @@ class Mamba2Block(nn.Module):
         self.nheads = cfg.n_heads_ssm
         self.d_bc = cfg.ngroups * cfg.d_state  # width of B (and of C)
         self.ssd_backend = "auto"
+        # The chunked path's backward: "chunked" (written out, aotlib.ssd_grad) or
+        # "autograd" through its steps (the training path before it; benchmarks' A/B).
+        self.ssd_backward = "chunked"
+        # "taps": `causal_conv_silu`; "conv1d": nn.Conv1d then F.silu (the plain form).
+        self.conv_form = "taps"
 
         # Order of the projection's outputs: z, x, B, C, dt.
         self.in_proj = nn.Linear(cfg.d_model, 2 * d_inner + 2 * self.d_bc + self.nheads, bias=False)
@@ -95,17 +147,22 @@ class Mamba2Block(nn.Module):
         cfg, h = self.cfg, self.nheads
         zxbcdt = self.in_proj(u)  # (b, l, 2 di + 2 g n + h)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.d_inner + 2 * self.d_bc, h], dim=-1)
-        # Depthwise conv over time; padding D_CONV-1 on both sides, keep the first l
-        # outputs so position t sees only t-3..t (causal).
-        xBC = self.conv1d(xBC.transpose(1, 2))[..., :l].transpose(1, 2)  # (b, l, di + 2gn)
-        xBC = F.silu(xBC)
+        # Depthwise conv over time, causal: position t sees only t-3..t (nn.Conv1d's
+        # weights, padding D_CONV-1 and the first l outputs), then SiLU.
+        if self.conv_form == "taps":
+            xBC = causal_conv_silu(xBC, self.conv1d)  # (b, l, di + 2gn)
+        else:
+            xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :l].transpose(1, 2))
         x, B, C = xBC.split([self.d_inner, self.d_bc, self.d_bc], dim=-1)
         x = x.unflatten(-1, (h, cfg.head_dim))  # (b, l, h, p)
         B = B.unflatten(-1, (cfg.ngroups, cfg.d_state))  # (b, l, g, n)
         C = C.unflatten(-1, (cfg.ngroups, cfg.d_state))  # (b, l, g, n)
         dt = F.softplus(dt + self.dt_bias)  # (b, l, h)
         A = -torch.exp(self.A_log.float())  # (h,)
-        y = ssd(x, dt, A, B, C, cfg.chunk_size, D=self.D, backend=self.ssd_backend)
+        if self.ssd_backward == "autograd" and self.ssd_backend in ("auto", "chunked"):
+            y = ssd_chunked(x, dt, A, B, C, cfg.chunk_size, D=self.D, backward="autograd")
+        else:
+            y = ssd(x, dt, A, B, C, cfg.chunk_size, D=self.D, backend=self.ssd_backend)
         y = y.flatten(-2)  # (b, l, di)
         return self.out_proj(self.norm(y, z))  # (b, l, d)
 

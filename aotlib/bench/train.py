@@ -26,7 +26,12 @@ Variants, timed interleaved:
   loss in cache-sized blocks (`aotlib.models.LinearCrossEntropy`), so that the 64 MB of
   logits of a batch never travel to memory;
 - eager: the same without torch.compile (no compile time; `aotlib.models.fused_lm_loss`);
-- plain: what a textbook loop does: model(inputs) -> logits -> F.cross_entropy.
+- plain: what a textbook loop does: model(inputs) -> logits -> F.cross_entropy;
+- eager_before (Mamba-2 only, not run by default): "eager" as Mamba-2 trained before
+  issue 15: the SSD's chunked path differentiated by autograd through its steps (not the
+  written-out backward of `aotlib.ssd_grad`) and the conv as nn.Conv1d then F.silu (not
+  `aotlib.mamba2.causal_conv_silu`): `--variants eager eager_before` is the before/after
+  A/B, timed interleaved in one process.
 All use `aotlib.models.Dropout` (four decisions per 64-bit draw; nn.Dropout's one draw
 per element costs as much as the model's matmuls here) and fused AdamW.
 """
@@ -52,7 +57,9 @@ VARIANTS = {
     "compiled": (True, True),
     "eager": (True, False),
     "plain": (False, False),
+    "eager_before": (True, False),  # mamba2: "eager" with the SSD and conv paths before
 }
+DEFAULT_VARIANTS = ["compiled", "eager", "plain"]
 
 
 class Clocks:
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -155,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         fused, compiled = VARIANTS[name]
         t0 = time.perf_counter()
         steps[name], model = make_step(cfg, args.batch, fused_loss=fused, compile=compiled)
+        if name == "eager_before":
+            if cfg.arch != "mamba2":
+                raise SystemExit("--variants eager_before needs --arch mamba2")
+            for blk in model.blocks:
+                blk.ssd_backward, blk.conv_form = "autograd", "conv1d"
         for _ in range(2):  # warm-up: compilation, allocator, caches
             steps[name]()
         print(f"[{name}] warm-up (incl. compilation) {time.perf_counter() - t0:.1f} s")
