@@ -80,6 +80,7 @@ def _worker(
     threads: int,
     fn: Callable[..., Any],
     args: tuple,
+    kwargs: dict,
 ) -> None:
     torch.set_num_threads(threads)
     dist.init_process_group(
@@ -90,7 +91,7 @@ def _worker(
         timeout=timedelta(seconds=timeout_s),
     )
     try:
-        result = fn(*args)
+        result = fn(*args, **kwargs)
     finally:
         dist.destroy_process_group()
     with open(Path(out_dir) / f"{rank}.pkl", "wb") as f:
@@ -103,8 +104,9 @@ def run_parallel(
     *args: Any,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     threads: int = 1,
+    kwargs: dict | None = None,
 ) -> list[Any]:
-    """Run fn(*args) on world_size CPU processes in one gloo group; their results by rank.
+    """Run fn(*args, **kwargs) on world_size CPU processes in one gloo group; their results by rank.
 
     fn must be importable (defined at a module's top level) and its result picklable.
     The group's timeout makes a collective that one rank never joins fail after
@@ -115,7 +117,16 @@ def run_parallel(
     with tempfile.TemporaryDirectory(prefix="aotlib-dist-") as tmp:
         ctx = torch.multiprocessing.start_processes(
             _worker,
-            args=(world_size, str(Path(tmp) / "store"), tmp, timeout_s, threads, fn, args),
+            args=(
+                world_size,
+                str(Path(tmp) / "store"),
+                tmp,
+                timeout_s,
+                threads,
+                fn,
+                args,
+                kwargs or {},
+            ),
             nprocs=world_size,
             join=False,
             start_method="spawn",
@@ -126,7 +137,8 @@ def run_parallel(
                 for p in ctx.processes:
                     if p.is_alive():
                         p.kill()
-                raise TimeoutError(f"{fn.__name__} on {world_size} ranks ran past {deadline}")
+                limit = 2 * timeout_s + 60
+                raise TimeoutError(f"{fn.__name__} on {world_size} ranks ran past {limit:.0f} s")
         results = []
         for rank in range(world_size):
             with open(Path(tmp) / f"{rank}.pkl", "rb") as f:
