@@ -181,7 +181,7 @@ def test_kernels_compile_for_sm90():
     """Compile every kernel for sm_90 (no GPU needed): catches what the interpreter can't."""
     pytest.importorskip("triton.backends.nvidia")
     cmd = [sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--compile-only", "--arch", "90"]
-    cmd += ["--dtype", "fp32", "bf16", "--chunk", "64"]
+    cmd += ["--dtype", "fp32", "bf16", "fp16", "--chunk", "64"]  # fp16: the 3xTF32 dots
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     print(done.stdout[-3000:], done.stderr[-3000:])
     assert done.returncode == 0
