@@ -182,6 +182,8 @@ def run_timings(setup: Setup, log: Callable[[str], None] = print) -> list[dict]:
                         row["status"] = "ok"
                     grad = torch.enable_grad() if backward else torch.inference_mode()
                     with grad:
+                        call()  # untimed: a first call may compile (time_call would keep
+                        torch.cuda.synchronize()  # a first call over 10 s as the time)
                         row["time_s"] = time_call(call, "cuda", budget_s=0.25, warmup_s=0.1)
                     if path != "sdpa" and not backward:
                         row["gflops"] = _ssd_flops(setup, seqlen, dstate) / row["time_s"] / 1e9
