@@ -417,6 +417,9 @@ def model_checks(code) -> list[Check]:
         return [Check("model-130m", "TIMEOUT" if code is None else "FAIL", "no model_check.json")]
     checks = []
     for r in json.loads(path.read_text()):
+        if "error" in r:
+            checks.append(Check(r["check"], "FAIL", r["error"]))
+            continue
         detail = (
             f"loss {r['loss_triton']:.5f} vs {r['loss_chunked']:.5f} (rel {r['loss_rel_diff']:.1e},"
             f" limit {r['limits']['loss_rel_diff']:.0e}); gradient cosine {r['grad_cosine']:.6f}"
