@@ -102,6 +102,9 @@ class ChunkedSSD(torch.autograd.Function):
         return dx, ddt, dA, dB, dC, dD, dS0, None
 
 
+# torch.compile runs it as it is (a graph break): its blocks write into reused buffers
+# through views that the compiler's tracing does not support.
+@torch.compiler.disable
 def chunked_ssd_function(
     x: Tensor,
     dt: Tensor,
@@ -274,7 +277,7 @@ def _block_backward(
     for j in reversed(range(k)):
         torch.addcmul(ds[:, j], W[:, j], G_next[:, j], out=G_next[:, j - 1] if j else G_in)
     G_next = buf.G_next  # (K, g, n, hg*p)
-    dW = torch.mul(G_next, S_ent, out=buf.tmp_state).view(K, g, n, hg, p).sum((2, 4))
+    dW = torch.mul(G_next, S_ent, out=buf.tmp_state).view(K, g, n, hg, p).sum(-1).sum(2)
 
     # 4*: C and F
     tm = _matmul_into(C_c, S_ent, by_group(buf.tm))  # S_k C_t, time-major (K, Q, h, p)
