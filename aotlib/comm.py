@@ -63,6 +63,48 @@ def require_group(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def global_rank(group: dist.ProcessGroup | None, rank: int) -> int:
+    """The global rank of `group`'s rank r (what send/recv take as peer)."""
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+class _CopyToParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        out = partial.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def copy_to_parallel(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Megatron's "f", where a replicated input enters a tensor-parallel region: identity
+    forward; backward, an all-reduce of the gradient (each rank saw only its share)."""
+    return _CopyToParallel.apply(x, group)
+
+
+def reduce_from_parallel(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Megatron's "g", where a region's partial sums leave it: an all-reduce forward;
+    identity backward."""
+    return _ReduceFromParallel.apply(x, group)
+
+
 def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
     """Join the process group torchrun describes (gloo on CPU, NCCL when CUDA is there)."""
     if not dist.is_initialized():

@@ -41,8 +41,10 @@ from torch import Tensor, nn
 
 from aotlib.comm import (
     Traffic,
+    copy_to_parallel,
     count_collectives,
     cp_mamba2_traffic,
+    reduce_from_parallel,
     require_group,
     sp_ssd_traffic,
     tp_mamba2_traffic,
@@ -51,40 +53,6 @@ from aotlib.mamba2 import D_CONV, Mamba2Block, Mamba2LM, RMSNorm
 from aotlib.model_config import ModelConfig
 from aotlib.ssd import random_ssd_inputs, ssd
 from aotlib.ssd_parallel import causal_conv1d_sequence_parallel, ssd_sequence_parallel
-
-# ---------------------------------------------------------------------------
-# Megatron's conjugate operators
-# ---------------------------------------------------------------------------
-
-
-class _CopyToParallel(torch.autograd.Function):
-    """f: identity forward; all-reduce (sum) of the gradient backward."""
-
-    @staticmethod
-    def forward(ctx, u: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-        ctx.group = group
-        return u.view_as(u)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _ReduceFromParallel(torch.autograd.Function):
-    """g: all-reduce (sum) forward; identity backward."""
-
-    @staticmethod
-    def forward(ctx, partial: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-        out = partial.contiguous().clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return grad, None
-
 
 # ---------------------------------------------------------------------------
 # The block's computation, with the conv and the SSD passed in
@@ -204,9 +172,9 @@ class TensorParallelMamba2Block(nn.Module):
         self.load_state_dict(shard_block_tensors(block.state_dict(), cfg, rank, world))
 
     def forward(self, u: Tensor) -> Tensor:
-        u = _CopyToParallel.apply(u, self.group)
+        u = copy_to_parallel(u, self.group)
         partial = _mixer(self, self.sizes, u, _local_conv(self.conv1d), ssd)  # (b, l, d)
-        return _ReduceFromParallel.apply(partial, self.group)
+        return reduce_from_parallel(partial, self.group)
 
 
 def tensor_parallel_lm(model: Mamba2LM, group: dist.ProcessGroup | None = None) -> Mamba2LM:

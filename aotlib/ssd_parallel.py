@@ -59,7 +59,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from aotlib.comm import init_from_env, require_group
+from aotlib.comm import global_rank, init_from_env, require_group
 from aotlib.ssd import check_ssd_inputs, random_ssd_inputs, segsum, ssd, ssd_chunked
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -74,10 +74,6 @@ F32_RTOL = 1e-5
 # ---------------------------------------------------------------------------
 # The one exchange, differentiable
 # ---------------------------------------------------------------------------
-
-
-def _global_rank(group: dist.ProcessGroup | None, rank: int) -> int:
-    return rank if group is None else dist.get_global_rank(group, rank)
 
 
 class _AllGather(torch.autograd.Function):
@@ -276,9 +272,9 @@ def _shift(send: Tensor, recv: Tensor, rank: int, world: int, group, step: int) 
     """send to rank + step, receive from rank - step (where those exist), non-blocking."""
     reqs = []
     if 0 <= rank + step < world:
-        reqs.append(dist.isend(send, _global_rank(group, rank + step), group=group))
+        reqs.append(dist.isend(send, global_rank(group, rank + step), group=group))
     if 0 <= rank - step < world:
-        reqs.append(dist.irecv(recv, _global_rank(group, rank - step), group=group))
+        reqs.append(dist.irecv(recv, global_rank(group, rank - step), group=group))
     for req in reqs:
         req.wait()
 

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from aotlib import comm
+from aotlib.attention_parallel import compare_and_measure_attention
 from aotlib.comm import run_parallel
 from aotlib.mamba2 import Mamba2Block
 from aotlib.mamba2_parallel import (
@@ -203,6 +204,20 @@ def test_bytes_sent_match_the_cost_model(world: int) -> None:
         assert per_layer["tp mamba2"][4] == ["all_reduce"]
         assert per_layer["ssd validate=False"][3] == ["all_gather_single"]
         assert per_layer["ssd validate=False"][4] == ["reduce_scatter_single"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_attention_baselines_match_gpt_and_their_cost_model(world: int) -> None:
+    results = run_parallel(compare_and_measure_attention, world)
+    for rank, res in enumerate(results):
+        assert max(res["errors"].values()) < 1e-10, res["errors"]
+        assert len(res["errors"]) == 2 + 12 + 1  # output, input grad, 12 parameters, ring
+        fwd, bwd, want, fwd_ops, bwd_ops = res["traffic"]["tp attention+mlp"]
+        assert (fwd, bwd) == (want["forward"], want["backward"])
+        assert fwd_ops == bwd_ops == ["all_reduce", "all_reduce"]  # two per block
+        fwd, _, want, fwd_ops, _ = res["traffic"]["ring attention"]
+        assert fwd == want["forward"], (rank, fwd, want)
+        assert fwd_ops.count("isend") == world - 1
 
 
 def test_sequence_parallel_bytes_do_not_grow_with_length() -> None:
