@@ -163,3 +163,24 @@ def test_chunked_backward_strong_decay_is_finite() -> None:
         assert torch.isfinite(got[k]).all(), k
         err = (got[k].double() - ref[k]).abs().max().item()
         assert err <= 1e-4 * max(1.0, ref[k].abs().max().item()), k
+
+
+def test_bench_training_sweep_smoke(monkeypatch) -> None:
+    """`python -m aotlib.bench ssd`'s training sweep runs and reports every path (tiny; the
+    matmul reference is a constant here: this checks the plumbing, not the rates)."""
+    from dataclasses import replace
+
+    from aotlib.bench import ssd as bench
+
+    monkeypatch.setattr(bench, "matmul_rate", lambda setup: 1e10)
+
+    setup = replace(
+        bench.setup_for("cpu", quick=True), batch=1, nheads=2, headdim=8, dstate=8, chunk=16,
+        train_lengths=(40,), train_pairs=1, train_memory=False, min_reps=1,
+    )  # fmt: skip
+    df = bench.run(setup, log=lambda _: None, train_only=True)
+    assert set(df.path) == set(bench.TRAIN_PATHS) and (df.share > 0).all()
+    names = [t["target"] for t in bench.summarize(df, setup)]
+    assert names == ["forward share (lowest)", "fwd+bwd share (lowest)",
+                     "fwd+bwd speed-up vs autograd"]  # fmt: skip
+    assert "training sweep" in bench.format_report(df, setup, bench.summarize(df, setup))
