@@ -212,6 +212,11 @@ def test_driver_turns_stage_outputs_into_one_line_per_check(tmp_path, monkeypatc
                 codes[label] = 0
             elif label == "warm-up":
                 codes[label] = 0
+            elif label == "train":
+                row = {"check": "train-resume", "device": "cuda: Fake GPU", "rng_key": "cuda_rng",
+                       "max_loss_gap": 2e-7, "control_gap": 1e-2, "tol": 1e-4, "pass": True}  # fmt: skip
+                (tmp_path / "train_check.json").write_text(json.dumps(row))
+                codes[label] = 0
             elif label == "pytest":
                 (tmp_path / "pytest_ssd_triton.xml").write_text(
                     '<testsuites><testsuite tests="90" failures="0" errors="0" skipped="20">'
@@ -235,7 +240,7 @@ def test_driver_turns_stage_outputs_into_one_line_per_check(tmp_path, monkeypatc
     lines = {w[1]: w[0] for w in words if w and w[0] in verdicts}
     assert lines == {"env": "PASS", "kernels-fp32": "PASS", "kernels-bf16": "PASS",
                      "kernels-fp16": "TIMEOUT", "model-130m-fp32": "PASS", "timings": "PASS",
-                     "pytest": "PASS"}  # fmt: skip
+                     "pytest": "PASS", "train-resume": "PASS"}  # fmt: skip
     assert "paper: more than 10x faster than FlashAttention-2 at 32K" in summary
     assert summary.splitlines()[-1] == "gpu-check: FAIL"
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -263,3 +268,13 @@ def test_timings_code_path_runs_on_cpu(monkeypatch):
     cmp = gpu.compare(rows, setup)
     assert all(v > 0 for v in cmp["vs_sdpa"].values())
     gpu.warm_up(setup, log=lambda _: None)
+
+
+def test_train_resume_check_on_cpu(tmp_path):
+    """The GPU check's training stage, run on the CPU (where dropout draws from the CPU
+    RNG): killed and resumed equals uninterrupted, and the control with another RNG state
+    does not, so the check can fail."""
+    assert gpu_check.stage_train(device="cpu", out=tmp_path) == 0
+    report = json.loads((tmp_path / "train_check.json").read_text())
+    assert report["max_loss_gap"] <= report["tol"] < report["control_gap"], report
+    assert report["device"].startswith("cpu") and report["rng_key"] == "rng"

@@ -130,6 +130,17 @@ def test_public_ssd_reaches_triton():
         ssd(*args, chunk_size=6, **kw, backend="triton")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA: the kernels are compiled")
+def test_kernels_run_on_the_interpreter_without_cuda():
+    """Without CUDA every kernel test here runs on the interpreter. Were triton imported
+    in compiled mode before aotlib set TRITON_INTERPRET (torch._dynamo imports it), they
+    would all be skipped as if a GPU were present: this test fails instead."""
+    assert ssd_triton.INTERPRETED, (
+        "triton was imported before aotlib could set TRITON_INTERPRET=1 (see "
+        "aotlib/__init__.py): the Triton kernels cannot run on this CPU machine"
+    )
+
+
 @interpreted
 def test_unwritten_output_is_caught(monkeypatch):
     """The NaN fill works: skip the output kernel and every element of y stays NaN."""

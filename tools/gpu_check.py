@@ -20,6 +20,9 @@ printed as it goes and everything lands in results/gpu/:
              NaN-filled buffers, plus a bit-identical backward
    model     a Mamba-2 130m-shaped model (chunk 256), loss and every   model_check.json
              gradient, Triton against the chunked path (fp32, bf16)
+   train     aotlib.train on CUDA: a tiny Mamba-2 with dropout killed  train_check.json
+             and resumed ends as the uninterrupted run (needs tqdm,
+             pandas, tokenizers; skipped without them)
    warm-up   the timed kernels compiled into Triton's disk cache
   timings  alone on the GPU: SSD forward and forward+backward against  ssd_cuda.csv
            causal SDPA (FlashAttention-2) and the chunked path, 512 to  ssd_cuda_summary.json
@@ -85,8 +88,9 @@ STAGES = [
     Stage("pytest", 120, 0),
 ]
 # What each stage writes (cleared first, so no stale file passes for a fresh one).
-OUTPUTS = ["env.json", "model_check.json", "ssd_cuda.csv", "ssd_cuda_summary.json",
-           "pytest_ssd_triton.xml", "summary.txt", "gpu_check.json", "gpu_check.log"]  # fmt: skip
+OUTPUTS = ["env.json", "model_check.json", "train_check.json", "ssd_cuda.csv",
+           "ssd_cuda_summary.json", "pytest_ssd_triton.xml", "summary.txt", "gpu_check.json",
+           "gpu_check.log"]  # fmt: skip
 OUTPUTS += [f"kernels_{d}.csv" for d in DTYPES]
 
 
@@ -307,6 +311,90 @@ def merge_kernel_parts() -> None:
             writer.writerows(rows)
         for part in parts:
             part.unlink()
+
+
+TRAIN_NEEDS = ("tqdm", "pandas", "tokenizers")  # aotlib.train's imports beyond torch
+TRAIN_TOL = 1e-4  # largest |loss difference| of an exact resumption
+
+
+def stage_train(device: str = "cuda", out: Path | None = None) -> int:
+    """`aotlib.train.train` on the device: a tiny Mamba-2 with dropout killed (SIGKILL) at
+    step 6 and resumed from its step-4 checkpoint must end with the uninterrupted run's
+    losses, which needs the device's RNG state (dropout's) in the checkpoint. A control
+    resumes with that state replaced by another: its losses must move, or the check
+    could not have failed. Writes train_check.json.
+
+    Within TRAIN_TOL, not bit-equal: on CUDA the embedding backward sums with atomics.
+    """
+    import tempfile
+
+    import torch
+
+    from aotlib.checkpoint import load_checkpoint, save_checkpoint
+    from aotlib.data import DataConfig
+    from aotlib.models import model_config
+    from aotlib.train import TrainConfig, train
+
+    data = DataConfig(corpus="primes", options=(("digits", 2), ("n_train", 240), ("n_val", 40)))
+    cfg = TrainConfig(
+        model=model_config("mamba2", "xs", dropout=0.1), data=data, steps=8, batch_size=8,
+        warmup=2, eval_every=4, checkpoint_every=4, eval_windows=16,
+    )  # fmt: skip
+    key = "cuda_rng" if device == "cuda" else "rng"
+
+    def losses(result: dict) -> list[float]:
+        return [h["train_loss"] for h in result["history"]] + [result["final_val_loss"]]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {name: Path(tmp) / name for name in ("ref", "resumed", "control")}
+        ref = train(cfg, runs["ref"], device=device, progress=False)
+        script = (
+            "import json, sys\nfrom aotlib.train import TrainConfig, train\n"
+            "cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))\n"
+            "train(cfg, sys.argv[2], device=sys.argv[3], progress=False)\n"
+        )
+        env = os.environ | {"AOTLIB_KILL_AT_STEP": "6"}
+        for name in ("resumed", "control"):
+            args = [json.dumps(cfg.to_dict()), str(runs[name]), device]
+            killed = subprocess.run([sys.executable, "-c", script, *args], env=env, timeout=300)
+            print(f"{name}: killed at step 6, exit {killed.returncode}", flush=True)
+        ckpt = runs["control"] / "checkpoint.pt"
+        state = load_checkpoint(ckpt)
+        if device == "cuda":
+            torch.cuda.manual_seed(12345)
+            state[key] = torch.cuda.get_rng_state()
+        else:
+            state[key] = torch.Generator().manual_seed(12345).get_state()
+        save_checkpoint(ckpt, state)
+        resumed = train(cfg, runs["resumed"], device=device, progress=False)
+        control = train(cfg, runs["control"], device=device, progress=False)
+    gap = max(abs(a - b) for a, b in zip(losses(ref), losses(resumed)))
+    control_gap = max(abs(a - b) for a, b in zip(losses(ref), losses(control)))
+    ok = gap <= TRAIN_TOL < control_gap and ref["provenance"]["device"].startswith(device)
+    report = {
+        "check": "train-resume", "device": ref["provenance"]["device"], "rng_key": key,
+        "max_loss_gap": gap, "control_gap": control_gap, "tol": TRAIN_TOL,
+        "losses_ref": losses(ref), "losses_resumed": losses(resumed), "pass": ok,
+    }  # fmt: skip
+    print(json.dumps(report), flush=True)
+    (out or OUT).mkdir(parents=True, exist_ok=True)
+    ((out or OUT) / "train_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+def train_check(code, ran: bool, missing: list[str]) -> Check:
+    if not ran:
+        why = f"needs {', '.join(missing)} (aotlib.train's imports), not installed"
+        return Check("train-resume", "SKIP", why, required=False)
+    path = OUT / "train_check.json"
+    if not path.exists():
+        return Check("train-resume", "TIMEOUT" if code is None else "FAIL", "no train_check.json")
+    r = json.loads(path.read_text())
+    detail = (
+        f"{r['device']}: killed at step 6, resumed: max |loss gap| {r['max_loss_gap']:.1e} "
+        f"(tol {r['tol']:.0e}); with another {r['rng_key']} state: {r['control_gap']:.1e}"
+    )
+    return Check("train-resume", "PASS" if r["pass"] else "FAIL", detail)
 
 
 # ---------------------------------------------------------------------------
@@ -535,6 +623,9 @@ def gpu_check(only: list[str]) -> int:
                     )
         if "model" in only:
             cmds["model"] = bench + ["model"]
+            missing = [m for m in TRAIN_NEEDS if importlib.util.find_spec(m) is None]
+            if not missing:
+                cmds["train"] = _stage_cmd("train")
         if "timings" in only:
             cmds["warm-up"] = bench + ["warmup"]  # compiles the timings' kernels meanwhile
         limit = start("checks")
@@ -547,6 +638,7 @@ def gpu_check(only: list[str]) -> int:
             checks += kernels_checks(shard_codes)
         if "model" in only:
             checks += model_checks(codes.get("model"))
+            checks.append(train_check(codes.get("train"), "train" in cmds, missing))
     if "timings" in only:
         limit = start("timings")
         if limit is None:
@@ -603,6 +695,8 @@ def main() -> int:
         return compile_only(args.arch, args.dtype, args.chunk, args.spills)
     if args.stage == "env":
         return stage_env()
+    if args.stage == "train":
+        return stage_train()
     if args.stage == "kernels":
         return stage_kernels(args.dtype[0], args.shard)
     return gpu_check(args.only)
