@@ -250,7 +250,10 @@ def chunk_state(
 
 
 def state_passing(
-    states: Tensor, chunk_decay: Tensor, initial_state: Tensor, out: Tensor | None = None
+    states: Tensor,
+    chunk_decay: Tensor,
+    initial_state: Tensor,
+    out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Step 3: carry the state across chunks, S_{k+1} = chunk_decay_k S_k + states_k.
 
@@ -258,9 +261,9 @@ def state_passing(
     each whole chunk, initial_state (..., g, n, hg*p). A loop over chunks, linear in c
     (the paper's c x c segsum over chunks would be quadratic in length), one fused
     multiply-add per chunk. Returns the states entering each chunk (..., c, g, n, hg*p)
-    and the state after the last one (..., g, n, hg*p). With `out` (..., c+1, g, n, hg*p),
-    slot k gets the state entering chunk k and slot c the last; `states` may be out's
-    slots 1..c, updated in place.
+    and the state after the last one (..., g, n, hg*p). With `out` = (entering, last),
+    contiguous buffers of those shapes, they are written there (`initial_state` may be
+    `last` itself: it is read first).
     """
     *lead, c, g, n, hgp = states.shape
     hg = chunk_decay.shape[-1] // g
@@ -273,15 +276,13 @@ def state_passing(
             entering.append(S)
             S = torch.addcmul(s, a, S)
         return torch.stack(entering, dim=-5).view(states.shape), S.view(initial_state.shape)
-    slots = out.view(*lead, c + 1, g, n, hg, hgp // hg).unbind(-5)
-    if initial_state.data_ptr() != out.data_ptr():
-        slots[0].copy_(initial_state.view(slots[0].shape))
+    entering, last = out
+    slots = entering.view(*lead, c, g, n, hg, hgp // hg).unbind(-5)
+    slots[0].copy_(initial_state.view(slots[0].shape))
+    slots += (last.view(*lead, g, n, hg, hgp // hg),)
     for k, (s, a) in enumerate(zip(chunks, decays)):
-        if s.data_ptr() == slots[k + 1].data_ptr():  # states are out's slots 1..c
-            slots[k + 1].addcmul_(slots[k], a)
-        else:
-            torch.addcmul(s, a, slots[k], out=slots[k + 1])
-    return out.narrow(-4, 0, c), out.select(-4, c)
+        torch.addcmul(s, a, slots[k], out=slots[k + 1])
+    return entering, last
 
 
 def state_to_output(
@@ -436,8 +437,8 @@ def _chunked_in_blocks(
 ) -> tuple[Tensor, Tensor]:
     """The same steps without autograd, a block at a time (`block_plan`): every
     intermediate in a reused buffer, every output written in place. With `states`
-    (b, c+1, g, n, hg*p), the state entering every chunk and the last state are kept
-    there (the training path's backward reads them); otherwise only a block's."""
+    (b, c, g, n, hg*p), the state entering every chunk is kept there (the training path's
+    backward reads them); otherwise only a block's."""
     b, l, h, p = x.shape
     c, Q, (nI, R) = dec.dt.shape[1], dec.dt.shape[-1], dec.into.shape[-2:]
     g, n = B.shape[2:]
@@ -445,7 +446,7 @@ def _chunked_in_blocks(
     m, k = block_plan(b, c, h, Q, p, n)
     K = m * k
     y = new_output(x, b, l, h, p)
-    L_buf, y_diag_buf, u_buf, CB_buf, B_buf, U_t, V, sums, own, slot_buf = _scratch(
+    L_buf, y_diag_buf, u_buf, CB_buf, B_buf, U_t, V, sums, own, ent_buf, carry = _scratch(
         x,
         (K, h, Q, Q),
         (K, h, Q, p),
@@ -456,15 +457,15 @@ def _chunked_in_blocks(
         (K, h, nI, nI, R),
         (K, h, nI, R, R),
         (K, g, n, hgp),  # each chunk's own state (step 2)
-        (m, k + 1, g, n, hgp),  # the states entering each chunk, then the last
+        (m, k, g, n, hgp),  # the states entering each chunk (step 3)
+        (m, g, n, hgp),  # the state leaving a block for the next one
     )
     work = (U_t, V.zero_(), sums)  # V is 0 off its block diagonal
     S_final = torch.empty_like(S0)
-    slots = slot_buf
     for i0, i1, k0, k1 in blocks(b, c, m, k):
         mb, kb = i1 - i0, k1 - k0
         Kb, t0, t1 = mb * kb, k0 * Q, min(k1 * Q, l)
-        S_in = S0[i0:i1] if k0 == 0 else slots[:, -1]  # (mb, g, n, hg*p)
+        S_in = S0[i0:i1] if k0 == 0 else carry[:mb]  # (mb, g, n, hg*p)
         xb = chunks_of(x, i0, i1, t0, t1, kb, Q).flatten(0, 1)  # (Kb, Q, h, p)
         Bb = chunks_of(B, i0, i1, t0, t1, kb, Q).flatten(0, 1)  # (Kb, Q, g, n)
         Cb = chunks_of(C, i0, i1, t0, t1, kb, Q).flatten(0, 1)
@@ -476,9 +477,9 @@ def _chunked_in_blocks(
         chunk_state(xb, df.to_end, B_t, out=own[:Kb], work=u_buf[:Kb])
         CB = _matmul(C_c, B_t, CB_buf[:Kb])  # (Kb, g, Q, Q)
         y_diag = diagonal_blocks(xb.transpose(1, 2), L, CB, D, out=y_diag_buf[:Kb])
-        slots = slot_buf[:mb, : kb + 1] if states is None else states[i0:i1, k0 : k1 + 1]
-        state_passing(own[:Kb].view(mb, kb, g, n, hgp), d.whole, S_in, out=slots)
-        S_ent = slots[:, :kb]  # (mb, kb, g, n, hg*p)
+        S_ent = ent_buf[:mb, :kb] if states is None else states[i0:i1, k0:k1]
+        last = S_final[i0:i1] if k1 == c else carry[:mb]
+        state_passing(own[:Kb].view(mb, kb, g, n, hgp), d.whole, S_in, out=(S_ent, last))
         C_c, y_diag = C_c.unflatten(0, (mb, kb)), y_diag.unflatten(0, (mb, kb))
         if t1 - t0 == kb * Q:
             out = y[i0:i1, t0:t1].unflatten(1, (kb, Q))  # (mb, kb, Q, h, p)
@@ -486,6 +487,4 @@ def _chunked_in_blocks(
         else:
             yb = state_to_output(S_ent, d.from_start, C_c, y_diag)
             y[i0:i1, t0:t1] = yb.flatten(1, 2)[:, : t1 - t0]
-        if k1 == c:
-            S_final[i0:i1] = slots[:, kb]
     return y, S_final

@@ -47,7 +47,7 @@ The forward never forms cs_t - cs_s (a difference of two long sums, see
 `aotlib.ssd_chunks`); the backward's sums stay within one chunk and add gradients, which
 need no such care. Work: about twice the forward's matmuls (the usual 2x), plus passes
 over (Q, Q) and (Q, p) tensors per head. Memory: the saved inputs, the chunk states
-((b, c+1, h, p, n), x's size when N = Q), and one block's temporaries.
+((b, c, h, p, n), x's size when N = Q), and one block's temporaries.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class ChunkedSSD(torch.autograd.Function):
         g, n = B.shape[2:]
         dt_c = torch.nn.functional.pad(dt, (0, 0, 0, c * Q - l)).view(b, c, Q, h)
         dec = chunk_decays(dt_c, A, _sub_chunk_length(Q))  # small: (b, c, h, ...)
-        states = new_output(x, b, c + 1, g, n, S0.shape[-1])  # entering each chunk, the last
+        states = new_output(x, b, c, g, n, S0.shape[-1])  # the state entering each chunk
         y, S = _chunked_in_blocks(x, dec, B, C, D, S0, states=states)
         ctx.save_for_backward(x, A, B, C, D, states)
         ctx.dec = dec  # an intermediate: small next to x
@@ -132,7 +132,8 @@ def chunked_backward(
 ) -> tuple[Tensor, ...]:
     """Gradients (dx, ddt, dA, dB, dC, dD, dS0) of the chunked SSD (see the module
     docstring), block by block in reverse: the forward's blocks (`block_plan`), last
-    first, carrying the gradient of the state backwards from block to block. The
+    first, carrying the gradient of the state backwards from block to block. `states`
+    (b, c, g, n, hg*p) holds the state entering each chunk, from the forward. The
     temporaries live in reused buffers (`_scratch`), as in the forward."""
     b, l, h, p = x.shape
     c, Q, (nI, R) = dec.dt.shape[1], dec.dt.shape[-1], dec.into.shape[-2:]
@@ -154,7 +155,7 @@ def chunked_backward(
             (K, h, Q, p),  # dxd_h
             *[(K, h, Q, Q)] * 3,  # L, P, dP
             *[(K, g, Q, Q)] * 2,  # CB, dCB
-            *[(K, g, n, hgp)] * 4,  # dstates, G_next, S_ent, tmp_state
+            *[(K, g, n, hgp)] * 3,  # dstates, G_next, tmp_state
             *[(K, g, Q, n)] * 2,  # dB_b, dC_b
             (K, g, n, Q),  # B_t
             (K, h, nI, nI, R),  # decay_matrix's work: U^T, V, the diagonal blocks' sums
@@ -212,7 +213,6 @@ class Buffers(NamedTuple):
     dCB: Tensor
     dstates: Tensor
     G_next: Tensor
-    S_ent: Tensor
     tmp_state: Tensor
     dB: Tensor
     dC: Tensor
@@ -262,9 +262,7 @@ def _block_backward(
     def by_group(t: Tensor) -> Tensor:  # (K, Q, h, p) -> (K, g, Q, hg*p)
         return t.view(K, Q, g, hgp).transpose(1, 2)
 
-    if S_ent.shape[0] > 1:  # several sequences: (m, k) are not one dim in `states`
-        S_ent = buf.S_ent.view(S_ent.shape).copy_(S_ent)
-    S_ent = S_ent.reshape(K, g, n, hgp)
+    S_ent = S_ent.reshape(K, g, n, hgp)  # a view: a block is contiguous in `states`
 
     # 4* and 3*: what reaches the entering states, then the reverse state passing
     fdy = torch.mul(dy, F_t, out=buf.fdy)  # (K, Q, h, p)
