@@ -3,11 +3,14 @@ are the bytes the cost model in aotlib.comm predicts.
 
 Every multi-process test runs its ranks with `aotlib.comm.run_parallel` (CPU, gloo, a
 process-group timeout), so a rank that fails or waits forever fails the test instead of
-hanging it. They share one xdist group: two 4-rank jobs at once would swamp two cores.
+hanging it. The equality checks and traffic counts for 2 and for 4 ranks run as one job
+each (`ranks`), read by several tests. They share one xdist group: two 4-rank jobs at
+once would swamp two cores.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
@@ -46,15 +49,52 @@ def worst(results: list[dict[str, float]], prefix: str = "") -> dict[str, float]
     return {k: max(r[k] for r in results) for k in keys}
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_sequence_parallel_ssd_matches_single_process(world: int) -> None:
+def ssd_cases(world: int) -> list[tuple[list[int], dict]]:
     layouts = check_lengths(world)  # even, uneven, one segment shorter than a chunk
-    assert any(min(lengths) < 8 for lengths in layouts)
     cases = [(lengths, dict(dtype=torch.float64)) for lengths in layouts]
     cases += [(layouts[1], dict(dtype=torch.float32))]
     cases += [(layouts[2], dict(dtype=torch.float64, with_D=False, with_initial_state=False))]
     cases += [(layouts[1], dict(dtype=torch.float64, ngroups=1, nheads=2, chunk_size=5))]
-    results = run_parallel(compare_ssd_cases, world, cases)
+    return cases
+
+
+MODEL_CASES = {
+    2: [
+        ("tensor", (), dict(layers=0)),  # one block
+        ("tensor", (), dict(layers=2)),  # a 2-layer LM: loss and every gradient
+        ("context", ([9, 5],), dict(layers=0)),
+        ("context", ([7, 12],), dict(layers=2)),
+    ],
+    4: [
+        ("tensor", (), dict(layers=2, ngroups=4)),
+        # segments shorter than a chunk (8), the last one shorter than the conv halo (3)
+        ("context", ([5, 9, 4, 2],), dict(layers=0)),
+    ],
+}
+
+
+def every_check(world: int) -> dict:
+    """Run on every rank: all equality checks and traffic counts for one world size, in
+    one process group (starting the ranks costs more than the checks themselves)."""
+    return dict(
+        ssd=compare_ssd_cases(ssd_cases(world)),
+        models=compare_cases(MODEL_CASES[world]),
+        traffic=measure_traffic(),
+        attention=compare_and_measure_attention(),
+    )
+
+
+@functools.cache
+def ranks(world: int) -> list[dict]:
+    """`every_check` on `world` gloo ranks, run once per test session, by rank."""
+    return run_parallel(every_check, world, world, timeout_s=120)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sequence_parallel_ssd_matches_single_process(world: int) -> None:
+    cases = ssd_cases(world)
+    assert any(min(lengths) < 8 for lengths, _ in cases)
+    results = [r["ssd"] for r in ranks(world)]
     for i, (lengths, kw) in enumerate(cases):
         per_rank = [r[i] for r in results]
         if kw["dtype"] == torch.float64:
@@ -69,31 +109,14 @@ def test_sequence_parallel_ssd_matches_single_process(world: int) -> None:
         assert max(errs.values()) < tol, (lengths, kw, errs)
 
 
-def test_context_and_tensor_parallel_mamba2_match_single_process() -> None:
-    cases = [
-        ("tensor", (), dict(layers=0)),  # one block
-        ("tensor", (), dict(layers=2)),  # a 2-layer LM: loss and every gradient
-        ("context", ([9, 5],), dict(layers=0)),
-        ("context", ([7, 12],), dict(layers=2)),
-    ]
-    results = run_parallel(compare_cases, 2, cases)
-    for i, case in enumerate(cases):
+@pytest.mark.parametrize("world", [2, 4])
+def test_context_and_tensor_parallel_mamba2_match_single_process(world: int) -> None:
+    results = [r["models"] for r in ranks(world)]
+    for i, case in enumerate(MODEL_CASES[world]):
         errs = worst([r[i] for r in results])
         print(case, f"worst {max(errs.values()):.1e}")
         assert "loss" in errs or "output" in errs
         assert any(k.startswith("grad_blocks.1.") for k in errs) == (case[2]["layers"] == 2)
-        assert max(errs.values()) < MODEL_RTOL, (case, errs)
-
-
-def test_tensor_and_context_parallel_on_four_ranks() -> None:
-    cases = [
-        ("tensor", (), dict(layers=2, ngroups=4)),
-        # segments shorter than a chunk (8), the last one shorter than the conv halo (3)
-        ("context", ([5, 9, 4, 2],), dict(layers=0)),
-    ]
-    results = run_parallel(compare_cases, 4, cases)
-    for i, case in enumerate(cases):
-        errs = worst([r[i] for r in results])
         assert max(errs.values()) < MODEL_RTOL, (case, errs)
 
 
@@ -194,8 +217,7 @@ def test_a_dying_rank_fails_the_run_instead_of_hanging_it() -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_bytes_sent_match_the_cost_model(world: int) -> None:
-    results = run_parallel(measure_traffic, world)
-    for rank, per_layer in enumerate(results):
+    for rank, per_layer in enumerate(r["traffic"] for r in ranks(world)):
         for name, (fwd, bwd, want, fwd_ops, bwd_ops) in per_layer.items():
             print(rank, name, fwd, bwd, fwd_ops, bwd_ops)
             assert fwd == want["forward"], (rank, name, fwd, want)
@@ -208,8 +230,7 @@ def test_bytes_sent_match_the_cost_model(world: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_attention_baselines_match_gpt_and_their_cost_model(world: int) -> None:
-    results = run_parallel(compare_and_measure_attention, world)
-    for rank, res in enumerate(results):
+    for rank, res in enumerate(r["attention"] for r in ranks(world)):
         assert max(res["errors"].values()) < 1e-10, res["errors"]
         assert len(res["errors"]) == 2 + 12 + 1  # output, input grad, 12 parameters, ring
         fwd, bwd, want, fwd_ops, bwd_ops = res["traffic"]["tp attention+mlp"]
