@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import pickle
 import tempfile
 import time
@@ -107,6 +108,11 @@ def reduce_from_parallel(x: torch.Tensor, group: dist.ProcessGroup | None = None
 
 def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
     """Join the process group torchrun describes (gloo on CPU, NCCL when CUDA is there)."""
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        raise RuntimeError(
+            "no torchrun environment: launch with "
+            "python -m torch.distributed.run --nproc-per-node 2 -m <module> --check"
+        )
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
