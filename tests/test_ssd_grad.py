@@ -172,7 +172,7 @@ def test_bench_training_sweep_smoke(monkeypatch) -> None:
 
     from aotlib.bench import ssd as bench
 
-    monkeypatch.setattr(bench, "matmul_rate", lambda setup: 1e10)
+    monkeypatch.setattr(bench, "train_matmul_rate", lambda setup: 1e10)
 
     setup = replace(
         bench.setup_for("cpu", quick=True), batch=1, nheads=2, headdim=8, dstate=8, chunk=16,
