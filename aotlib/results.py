@@ -21,7 +21,7 @@ import pandas as pd
 
 from aotlib.checkpoint import CorruptFile, load_json, save_json
 from aotlib.paths import cache_dir, fresh, results_dir
-from aotlib.train import TrainConfig, train
+from aotlib.train import TrainConfig, is_main_process, train
 
 _refreshed: set[str] = set()  # keys retrained in this process under FRESH
 
@@ -72,7 +72,8 @@ def get_result(
     if fresh() and key not in _refreshed:
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     result = _rounded(train(cfg, run_dir, progress=progress))
-    save_json(result_path(cfg, scale), result)
+    if is_main_process():  # under torchrun every rank trains; one writes the result
+        save_json(result_path(cfg, scale), result)
     if fresh():
         _refreshed.add(key)
     return result

@@ -111,6 +111,17 @@ def test_damaged_result_is_retrained(store: Path, calls: list, monkeypatch) -> N
     assert len(calls) == 2
 
 
+def test_only_the_main_process_writes_the_result(store: Path, calls: list, monkeypatch) -> None:
+    """Under torchrun every rank trains the same run; only rank 0 writes its result."""
+    cfg = synthetic_config("smoke", "primes")
+    monkeypatch.setattr(results_mod, "is_main_process", lambda: False)
+    assert get_result(cfg, "smoke")["final_val_loss"] == 2.0
+    assert not result_path(cfg, "smoke").exists()
+    monkeypatch.setattr(results_mod, "is_main_process", lambda: True)
+    get_result(cfg, "smoke")
+    assert result_path(cfg, "smoke").exists()
+
+
 def test_fresh_retrains_each_config_once(store: Path, calls: list, monkeypatch) -> None:
     cfg = synthetic_config("smoke", "primes")
     get_result(cfg, "smoke")

@@ -213,8 +213,9 @@ def test_driver_turns_stage_outputs_into_one_line_per_check(tmp_path, monkeypatc
             elif label == "warm-up":
                 codes[label] = 0
             elif label == "train":
-                row = {"check": "train-resume", "device": "cuda: Fake GPU", "rng_key": "cuda_rng",
-                       "max_loss_gap": 2e-7, "control_gap": 1e-2, "tol": 1e-4, "pass": True}  # fmt: skip
+                row = {"check": "train-resume", "device": "cuda: Fake GPU",
+                       "rng_key": "cuda_rng", "max_loss_gap": 2e-7, "control_gap": 1e-2,
+                       "tol": 1e-4, "pass": True}  # fmt: skip
                 (tmp_path / "train_check.json").write_text(json.dumps(row))
                 codes[label] = 0
             elif label == "pytest":
