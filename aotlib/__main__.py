@@ -12,6 +12,7 @@ import sys
 
 from aotlib.arrow import paired_bootstrap, seed_spread
 from aotlib.experiments import GRIDS, both_directions, lm_config
+from aotlib.mqar import MQARConfig, get_mqar_result, mqar_result_path
 from aotlib.results import claim, get_result, result_path
 
 
@@ -43,6 +44,15 @@ def _config(args: argparse.Namespace, direction: str, seed: int):
     )
 
 
+def _train_grid_run(cfg, scale: str, progress: bool) -> str:
+    """Train (or load) one run of a grid; its one-line summary."""
+    if isinstance(cfg, MQARConfig):
+        r = get_mqar_result(cfg, scale, progress=progress)
+        return f"{mqar_result_path(cfg, scale).name}: test accuracy {r['test_accuracy']:.3f}"
+    r = get_result(cfg, scale, progress=progress)
+    return f"{result_path(cfg, scale).name}: {r['final_val_loss']:.4f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aotlib", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,15 +72,24 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "grid":
         i, n = (int(x) for x in args.shard.split("/"))
-        runs = [cfg for name in args.names for cfg in GRIDS[name](args.scale)]
-        for cfg in runs[i::n]:
-            # Several `grid` processes may share one list: each run is claimed by a lock.
-            with claim(cfg, args.scale) as mine:
-                if not mine:
-                    continue
-                r = get_result(cfg, args.scale, progress=not args.quiet)
-            print(f"{result_path(cfg, args.scale).name}: {r['final_val_loss']:.4f}", flush=True)
-        return 0
+        listed: set[str] = set()
+        while True:
+            # A grid may grow as it is trained (mqar adds each point's second seed once its
+            # learning-rate sweep is stored): list it again until a pass adds nothing. The
+            # first listing is sharded; runs added later go to every process (a claim
+            # keeps two from training the same one).
+            runs = [cfg for name in args.names for cfg in GRIDS[name](args.scale)]
+            new = [cfg for cfg in runs if cfg.key() not in listed]
+            todo = new if listed else new[i::n]
+            if not todo:
+                return 0
+            listed.update(cfg.key() for cfg in runs)
+            for cfg in todo:
+                # Several `grid` processes may share one list: each run is claimed by a lock.
+                with claim(cfg, args.scale) as mine:
+                    if not mine:
+                        continue
+                    print(_train_grid_run(cfg, args.scale, not args.quiet), flush=True)
 
     if args.command == "train":
         cfg = _config(args, args.direction, args.seed)

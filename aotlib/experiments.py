@@ -183,6 +183,28 @@ def languages_grid(scale: str) -> list[TrainConfig]:
     return runs
 
 
+# The longest series this machine affords (notebook 03): the cpu preset's GPT for 4x its
+# tokens (about 15 passes over a language's Bible, so dropout 0.1 against overfitting;
+# the notebook reports the best validation point), evaluated every 200 steps. About 40
+# CPU-minutes per run, six runs: `python -m aotlib grid long` in two processes.
+LONG_SERIES: dict[str, dict[str, Any]] = {
+    "smoke": dict(langs=["fr"], steps=40, eval_every=10, dropout=0.1),
+    "cpu": dict(langs=["en", "de", "fr"], steps=4000, eval_every=200, dropout=0.1),
+    "paper": dict(langs=["en"], steps=400_000, eval_every=4000, dropout=0.1),
+}  # fmt: skip
+
+
+def long_grid(scale: str) -> list[TrainConfig]:
+    """Notebook 03: one seed per language of a 4x longer run, both directions."""
+    p = LONG_SERIES[check_scale(scale)]
+    runs = []
+    for lang in p["langs"]:
+        every = dict(eval_every=p["eval_every"], checkpoint_every=p["eval_every"])
+        cfg = lm_config(scale, lang=lang, steps=p["steps"], **every)
+        runs += both_directions(replace(cfg, model=replace(cfg.model, dropout=p["dropout"])))
+    return runs
+
+
 def size_grid(scale: str) -> list[TrainConfig]:
     """Notebook 04: both directions for each architecture and size (French)."""
     over = SHORT_RUN_STEPS[scale]
@@ -238,6 +260,7 @@ GRIDS = {
     "primes": primes_grid,
     "linear": linear_grid,
     "languages": languages_grid,
+    "long": long_grid,
     "size": size_grid,
     "context": context_grid,
 }

@@ -9,6 +9,11 @@ everywhere, residual output projections scaled by 1/sqrt(2 n_layer) so the resid
 stream's variance does not grow with depth.
 
 The paper's own GPT unties the LM head; see `aotlib.models` for how counts compare.
+
+`GPT(cfg, short_conv=k)` puts a causal depthwise convolution of width k in front of each
+attention layer (on the normalised input of q, k and v), as zoology's attention baseline
+for associative recall does (aotlib.mqar): it lets a 2-layer model see the previous token
+at every position, the shift that recall needs. The default, 0, is the plain GPT.
 """
 
 from __future__ import annotations
@@ -35,9 +40,23 @@ def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return att @ v  # (B, nh, T, hs)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+class ShortCausalConv(nn.Module):
+    """Depthwise causal conv over time: out_t = bias + sum_j w_j x_{t-(k-1-j)}, x_{<0} = 0."""
+
+    def __init__(self, d: int, width: int) -> None:
         super().__init__()
+        self.conv = nn.Conv1d(d, d, width, groups=d, padding=width - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        y = self.conv(x.transpose(1, 2))  # (B, C, T + width - 1): padded on both sides
+        return y[..., :T].transpose(1, 2)  # (B, T, C): the first T outputs are the causal ones
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, short_conv: int = 0) -> None:
+        super().__init__()
+        self.conv = ShortCausalConv(cfg.d_model, short_conv) if short_conv else None
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
         self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # q, k, v for all heads at once
@@ -47,6 +66,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
+        if self.conv is not None:
+            x = self.conv(x)  # (B, T, C)
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -81,10 +102,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, short_conv: int = 0) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, short_conv)
         self.ln_2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
@@ -94,7 +115,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, short_conv: int = 0) -> None:
         super().__init__()
         if cfg.arch != "gpt":
             raise ValueError(f"GPT needs cfg.arch == 'gpt', got {cfg.arch!r}")
@@ -102,7 +123,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.context, cfg.d_model)
         self.drop = Dropout(cfg.dropout)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.h = nn.ModuleList(Block(cfg, short_conv) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # Tying saves vocab x d parameters, the largest table of a small model.

@@ -112,3 +112,13 @@ def verdict(paper_sign: int, mean: float, err: float, z: float = 2.0) -> str:
     if err == 0 or abs(mean) < z * err:
         return "cannot tell at this scale"
     return "agree" if mean * paper_sign > 0 else "disagree"
+
+
+def verdict_interval(paper_sign: int, lo: float, hi: float) -> str:
+    """The same verdict from a confidence interval [lo, hi] (e.g. a bootstrap over windows
+    of one run): it agrees or disagrees only when the interval excludes zero."""
+    if lo > hi or paper_sign not in (1, -1):
+        raise ValueError(f"need lo <= hi and paper_sign in (1, -1), got {lo}, {hi}, {paper_sign}")
+    if lo <= 0 <= hi:
+        return "cannot tell at this scale"
+    return "agree" if lo * paper_sign > 0 else "disagree"

@@ -113,6 +113,16 @@ def test_verdict_needs_two_standard_errors() -> None:
         verdict(0, 0.01, 0.001)
 
 
+def test_verdict_from_an_interval_needs_it_to_exclude_zero() -> None:
+    from aotlib.paper import verdict_interval
+
+    assert verdict_interval(+1, 0.001, 0.02) == "agree"
+    assert verdict_interval(-1, 0.001, 0.02) == "disagree"
+    assert verdict_interval(+1, -0.001, 0.02) == "cannot tell at this scale"
+    with pytest.raises(ValueError):
+        verdict_interval(+1, 0.02, 0.01)
+
+
 def test_early_late_measures_the_change_of_delta_over_training() -> None:
     from aotlib.arrow import early_late
 

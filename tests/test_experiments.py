@@ -87,6 +87,18 @@ def test_languages_grid_goes_seed_by_seed() -> None:
     assert len(runs) == 2 * len(langs) * len(SEEDS["cpu"]) + len(control)
 
 
+def test_long_series_is_the_cpu_preset_for_four_times_its_tokens() -> None:
+    from aotlib.experiments import long_grid
+
+    base = lm_config("cpu", lang="en")
+    runs = long_grid("cpu")
+    assert {r.data.lang for r in runs} == {"en", "de", "fr"}
+    for r in runs:
+        assert r.steps * r.batch_size == 4 * base.steps * base.batch_size
+        assert r.model.dropout > 0 and r.data == replace(base.data, lang=r.data.lang)
+        assert r.eval_windows == base.eval_windows  # the same validation windows as the grid
+
+
 def test_config_round_trips_through_json() -> None:
     for cfg in (lm_config("cpu"), synthetic_config("cpu", "primes")):
         back = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))

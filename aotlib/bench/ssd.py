@@ -766,7 +766,11 @@ def plot_sweep(ax, df: pd.DataFrame, sweep: str = "length") -> None:
                     label=f"slope {slope}")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("sequence length" if sweep == "length" else "state size N")
+    if sweep == "length":
+        ax.set_xlabel("sequence length")
+    else:  # the state sweep runs at one length: name it
+        lengths = sorted(set(sel.seqlen))
+        ax.set_xlabel(f"state size N (length {', '.join(str(int(x)) for x in lengths)})")
     ax.set_ylabel("forward time (s)")
     ax.set_title(panel_title(df), fontsize=9)
     ax.grid(True, which="major", alpha=0.3)
