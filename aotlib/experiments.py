@@ -256,6 +256,9 @@ def linear_grid(scale: str) -> list[TrainConfig]:
     return runs
 
 
+# Notebook 10's runs are MQAR configs, not language-model ones (aotlib.mqar).
+from aotlib.mqar import mqar_grid
+
 GRIDS = {
     "primes": primes_grid,
     "linear": linear_grid,
@@ -263,4 +266,5 @@ GRIDS = {
     "long": long_grid,
     "size": size_grid,
     "context": context_grid,
+    "mqar": mqar_grid,
 }

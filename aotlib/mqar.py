@@ -158,13 +158,20 @@ def mqar_examples(
     # Expected share of a draw on our side, with a margin so one draw is nearly always enough.
     share = 1 / TEST_BUCKETS if want_test else 1 - 1 / TEST_BUCKETS
     inputs, targets, have = [], [], 0
-    while have < n:
+    for _ in range(100):
+        if have >= n:
+            break
         m = math.ceil(1.2 * (n - have) / share) + 8
         x, y = _draw(m, vocab_size, seq_len, n_pairs, power_a, random_fillers, gen)
         keep = is_test_example(x, n_pairs) == want_test  # (m,)
         inputs.append(x[keep])
         targets.append(y[keep])
         have += int(keep.sum())
+    else:
+        raise ValueError(
+            f"found {have} of {n} {split} examples: with vocab_size={vocab_size} and "
+            f"n_pairs={n_pairs} too few distinct lists of pairs fall on the {split} side"
+        )
     return torch.cat(inputs)[:n], torch.cat(targets)[:n]  # (n, T), (n, T)
 
 
@@ -201,6 +208,7 @@ class MQARConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_task(self.vocab_size, self.seq_len, self.n_pairs)
         if self.arch not in ("gpt", "mamba2"):
             raise ValueError(f"arch must be 'gpt' or 'mamba2', got {self.arch!r}")
         if self.arch == "mamba2" and (self.d_state < 1 or self.short_conv):
@@ -209,7 +217,6 @@ class MQARConfig:
             raise ValueError(f"gpt has no state size; got d_state={self.d_state}")
         if not 0.0 <= self.curriculum < 1.0:
             raise ValueError(f"curriculum must be in [0, 1), got {self.curriculum}")
-        check_task(self.vocab_size, self.seq_len, self.n_pairs)
         self.model_config()  # the model's own checks (widths, heads)
 
     def to_dict(self) -> dict[str, Any]:
@@ -395,12 +402,13 @@ def train_mqar(cfg: MQARConfig, run_dir: Path, progress: bool = True) -> dict[st
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
-        record = {"step": step, "train_loss": float(loss), "n_pairs": pairs_at(cfg, step - 1)}
+        loss = float(loss.detach())
+        record = {"step": step, "train_loss": loss, "n_pairs": pairs_at(cfg, step - 1)}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record["test_accuracy"], record["test_loss"] = evaluate(model, test_x, test_y)
         if step % max(1, cfg.eval_every // 10) == 0 or "test_accuracy" in record:
             history.append(record)  # a thinned curve keeps stored results small
-        bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint(
