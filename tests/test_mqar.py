@@ -170,3 +170,32 @@ def test_smoke_run_trains_resumes_after_a_kill_and_is_stored(tmp_path, monkeypat
     stored = mqar.load_mqar_result(cfg, "smoke")
     assert stored is not None and stored["test_accuracy"] == whole["test_accuracy"]
     assert Path(mqar_result_path(cfg, "smoke")).parent == tmp_path / "results" / "smoke"
+
+
+def test_summary_takes_each_points_best_rate_and_the_verdicts_read_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("AOTLIB_RESULTS", str(tmp_path))
+    assert mqar.summary_table("smoke").empty
+    assert set(mqar.verdicts(mqar.summary_table("smoke"), "smoke").verdict) == {
+        "cannot tell (not trained)"
+    }
+
+    def store(cfg, acc):
+        result = {"key": cfg.key(), "test_accuracy": acc, "train_seconds": 1.0,
+                  "train_examples": 10}  # fmt: skip
+        mqar.save_json(mqar_result_path(cfg, "smoke"), result)
+
+    # Accuracy: the state size N (0 for attention) decides, the higher rate adds 0.1.
+    acc = lambda cfg: min(1.0, 0.1 + cfg.d_state / 10 + (cfg.lr > 5e-3) / 10)  # noqa: E731
+    for cfg in mqar_grid("smoke"):
+        store(cfg, acc(cfg) if cfg.arch == "mamba2" else 0.95)
+    second = [cfg for cfg in mqar_grid("smoke") if cfg.seed == mqar.SECOND_SEED]
+    assert len(second) == len(mqar._points("smoke"))
+    for cfg in second:
+        store(cfg, acc(cfg) if cfg.arch == "mamba2" else 0.95)
+    summary = mqar.summary_table("smoke")
+    m = summary[summary.arch == "mamba2"]
+    assert (m.best_lr == 1e-2).all() and (summary.seeds == 2).all()
+    assert list(m.accuracy.round(2)) == [0.4, 1.0, 0.4, 1.0]  # N = 2, 8 at K = 4, then K = 2
+    v = mqar.verdicts(summary, "smoke").set_index("claim").verdict
+    assert v["Mamba-2: N=8 above N=2 at d=16"] == "agree"
+    assert v["attention near-perfect (>= 0.9) at its largest width d=16"] == "agree"
