@@ -69,3 +69,28 @@ def test_executed_notebook_is_tidy(notebook: Path) -> None:
     if notebook.parent.name == "nbval":
         params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
         assert 'scale = "smoke"' in params.source, "nbval references run at the smoke scale"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_opens_with_a_title_and_an_introduction(notebook: Path) -> None:
+    # A reader opening the notebook meets the paper's claim before any code: the first
+    # cell is markdown, a level-1 title, then an introduction (claim, data, what is plotted).
+    first = nbformat.read(notebook, as_version=4).cells[0]
+    assert first.cell_type == "markdown", "the first cell is the title and introduction"
+    assert first.source.startswith("# "), "the first cell starts with a level-1 title"
+    assert len(first.source.split()) >= 100, "the introduction says the claim, data and plot"
+
+
+@pytest.mark.parametrize("notebook", EXECUTED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_no_stray_cell_values(notebook: Path) -> None:
+    # A cell that ends in a bare expression (a string, a path, a return value) prints it
+    # as Out[n]; the notebooks print what they mean to show and end other cells quietly.
+    nb = nbformat.read(notebook, as_version=4)
+    stray = [
+        (i, o.data.get("text/plain", "")[:40])
+        for i, c in enumerate(nb.cells)
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.output_type == "execute_result" and "text/html" not in o.data
+    ]
+    assert not stray, f"cells print a stray value: {stray}"
