@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from aotlib.checkpoint import CorruptFile, load_checkpoint, load_json, save_checkpoint, save_json
+from aotlib.checkpoint import save_checkpoint, save_json
 from aotlib.model_config import ModelConfig
 from aotlib.paper import SSD, PaperNumber
 from aotlib.paths import fresh, results_dir
@@ -359,7 +359,7 @@ def train_mqar(cfg: MQARConfig, run_dir: Path, progress: bool = True) -> dict[st
     dropout).
     """
     from aotlib.models import count_parameters
-    from aotlib.train import _provenance
+    from aotlib.train import _provenance, adamw, resume
 
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -367,23 +367,9 @@ def train_mqar(cfg: MQARConfig, run_dir: Path, progress: bool = True) -> dict[st
 
     torch.manual_seed(cfg.seed)
     model = build_mqar_model(cfg)
-    params = list(model.parameters())
-    no_decay = [p for p in params if p.dim() < 2 or getattr(p, "_no_weight_decay", False)]
-    decay = [p for p in params if not any(p is q for q in no_decay)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-    step, history, elapsed = 0, [], 0.0
-    if ckpt_path.exists():
-        try:
-            state = load_checkpoint(ckpt_path)
-            if state["key"] != cfg.key():
-                raise CorruptFile(f"{ckpt_path} belongs to another config")
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            step, history, elapsed = state["step"], state["history"], state["elapsed"]
-        except (CorruptFile, KeyError, RuntimeError, EOFError) as err:
-            print(f"ignoring checkpoint ({err}); training from scratch")
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
+    # no random state to restore: examples depend on (seed, step) alone, no dropout
+    step, history, elapsed = resume(ckpt_path, cfg.key(), model, opt)
 
     provenance = _provenance(torch.device("cpu"))
     kill_at = int(os.environ.get("AOTLIB_KILL_AT_STEP", "-1"))  # for the resume test
@@ -452,15 +438,9 @@ def mqar_result_path(cfg: MQARConfig, scale: str) -> Path:
 
 def load_mqar_result(cfg: MQARConfig, scale: str) -> dict[str, Any] | None:
     """The stored result of `cfg`, or None if absent or damaged."""
-    path = mqar_result_path(cfg, scale)
-    if not path.exists():
-        return None
-    try:
-        result = load_json(path)
-    except CorruptFile as err:
-        print(f"retraining: {err}")
-        return None
-    return result if result.get("key") == cfg.key() else None
+    from aotlib.results import load_stored
+
+    return load_stored(mqar_result_path(cfg, scale), cfg.key())
 
 
 _refreshed: set[str] = set()  # keys retrained in this process under FRESH

@@ -41,7 +41,12 @@ def _rounded(result: dict[str, Any]) -> dict[str, Any]:
 
 def load_result(cfg: TrainConfig, scale: str) -> dict[str, Any] | None:
     """The stored result for `cfg`, or None if absent or damaged."""
-    path = result_path(cfg, scale)
+    return load_stored(result_path(cfg, scale), cfg.key())
+
+
+def load_stored(path: Path, key: str) -> dict[str, Any] | None:
+    """The result stored at `path` for the config whose key is `key`, or None if it is
+    absent, damaged (a message says so) or another config's."""
     if not path.exists():
         return None
     try:
@@ -49,7 +54,7 @@ def load_result(cfg: TrainConfig, scale: str) -> dict[str, Any] | None:
     except CorruptFile as err:
         print(f"retraining: {err}")
         return None
-    return result if result.get("key") == cfg.key() else None
+    return result if result.get("key") == key else None
 
 
 def checkpoint_dir(cfg: TrainConfig, scale: str) -> Path:

@@ -162,6 +162,45 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: biases, norms and SSM parameters (A_log,
+    D, dt_bias, marked `_no_weight_decay`) are not decayed, as in nanoGPT and the official
+    Mamba."""
+    params = list(model.parameters())
+    no_decay = [p for p in params if p.dim() < 2 or getattr(p, "_no_weight_decay", False)]
+    decay = [p for p in params if not any(p is q for q in no_decay)]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def resume(
+    ckpt_path: Path,
+    key: str,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    rng_device: torch.device | None = None,
+) -> tuple[int, list, float]:
+    """Load a run's checkpoint (if any) into `model` and `opt`, and the random state when
+    `rng_device` is given; returns (step, history, elapsed seconds), (0, [], 0.0) for a
+    new run. A damaged checkpoint, or another config's, is never trusted: the run starts
+    again."""
+    if not ckpt_path.exists():
+        return 0, [], 0.0
+    try:
+        state = load_checkpoint(ckpt_path)
+        if state["key"] != key:
+            raise CorruptFile(f"{ckpt_path} belongs to another config")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if rng_device is not None:
+            _set_rng_state(state, rng_device)
+        return state["step"], state["history"], state["elapsed"]
+    except (CorruptFile, KeyError, RuntimeError, EOFError) as err:
+        print(f"ignoring checkpoint ({err}); training from scratch")
+        return 0, [], 0.0
+
+
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["rng"])
     if device.type == "cuda" and "cuda_rng" in state:
@@ -240,27 +279,8 @@ def train(
 
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg).to(device)
-    # Weight decay on matrices only; biases, norms and SSM parameters (A_log, D, dt_bias,
-    # marked `_no_weight_decay`) are not decayed, as in nanoGPT and the official Mamba.
-    params = list(model.parameters())
-    no_decay = [p for p in params if p.dim() < 2 or getattr(p, "_no_weight_decay", False)]
-    decay = [p for p in params if not any(p is q for q in no_decay)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-    step, history, elapsed = 0, [], 0.0
-    if ckpt_path.exists():
-        try:
-            state = load_checkpoint(ckpt_path)
-            if state["key"] != cfg.key():
-                raise CorruptFile(f"{ckpt_path} belongs to another config")
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            _set_rng_state(state, device)
-            step, history, elapsed = state["step"], state["history"], state["elapsed"]
-        except (CorruptFile, KeyError, RuntimeError, EOFError) as err:
-            # A damaged checkpoint is never trusted: start this run again.
-            print(f"ignoring checkpoint ({err}); training from scratch")
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
+    step, history, elapsed = resume(ckpt_path, cfg.key(), model, opt, rng_device=device)
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, **_ddp_options(device))
