@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from aotlib.checkpoint import save_checkpoint, save_json
+from aotlib.checkpoint import save_json
 from aotlib.model_config import ModelConfig
 from aotlib.paper import SSD, PaperNumber
 from aotlib.paths import fresh, results_dir
@@ -359,7 +359,7 @@ def train_mqar(cfg: MQARConfig, run_dir: Path, progress: bool = True) -> dict[st
     dropout).
     """
     from aotlib.models import count_parameters
-    from aotlib.train import _provenance, adamw, resume
+    from aotlib.train import _provenance, adamw, resume, suspend
 
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -398,18 +398,8 @@ def train_mqar(cfg: MQARConfig, run_dir: Path, progress: bool = True) -> dict[st
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "key": cfg.key(),
-                    "config": cfg.to_dict(),
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "step": step,
-                    "history": history,
-                    "elapsed": elapsed + time.perf_counter() - t0,
-                },
-            )
+            elapsed_now = elapsed + time.perf_counter() - t0
+            suspend(ckpt_path, cfg, model, opt, step, history, elapsed_now)
     bar.close()
     elapsed += time.perf_counter() - t0
 

@@ -201,6 +201,23 @@ def resume(
         return 0, [], 0.0
 
 
+def suspend(
+    ckpt_path: Path,
+    cfg: Any,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    step: int,
+    history: list,
+    elapsed: float,
+    **extra: Any,
+) -> None:
+    """Write the checkpoint that `resume` reads (extra: e.g. the random state)."""
+    save_checkpoint(ckpt_path, {"key": cfg.key(), "config": cfg.to_dict(),
+                                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                **extra, "step": step, "history": history,
+                                "elapsed": elapsed})  # fmt: skip
+
+
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["rng"])
     if device.type == "cuda" and "cuda_rng" in state:
@@ -331,19 +348,8 @@ def train(
         bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{tok_s:.0f}", refresh=False)
         bar.update(1)
         if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "key": cfg.key(),
-                    "config": cfg.to_dict(),
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    **_rng_state(device),
-                    "step": step,
-                    "history": history,
-                    "elapsed": elapsed + now - t0,
-                },
-            )
+            suspend(ckpt_path, cfg, model, opt, step, history, elapsed + now - t0,
+                    **_rng_state(device))  # fmt: skip
     bar.close()
     elapsed += time.perf_counter() - t0
 
