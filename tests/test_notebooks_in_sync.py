@@ -94,3 +94,13 @@ def test_no_stray_cell_values(notebook: Path) -> None:
         if o.output_type == "execute_result" and "text/html" not in o.data
     ]
     assert not stray, f"cells print a stray value: {stray}"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebook_is_executed(notebook: Path) -> None:
+    # A reader opening notebooks/ in JupyterLab or on a code host sees the results
+    # without running anything: `make figures` left outputs in every code cell that prints.
+    nb = nbformat.read(notebook, as_version=4)
+    assert any(c.outputs for c in nb.cells if c.cell_type == "code"), (
+        f"{notebook.name} has no outputs: run `make figures ONLY={notebook.name[:2]}`"
+    )
