@@ -49,10 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from aotlib.checkpoint import save_json
 from aotlib.model_config import ModelConfig
 from aotlib.paper import SSD, PaperNumber
-from aotlib.paths import fresh, results_dir
+from aotlib.paths import results_dir
 from aotlib.plotting import check_scale
 
 IGNORE = -100  # targets that take no part in the loss or the accuracy (F.cross_entropy's)
@@ -433,7 +432,6 @@ def load_mqar_result(cfg: MQARConfig, scale: str) -> dict[str, Any] | None:
     return load_stored(mqar_result_path(cfg, scale), cfg.key())
 
 
-_refreshed: set[str] = set()  # keys retrained in this process under FRESH
 
 
 def get_mqar_result(
@@ -441,23 +439,13 @@ def get_mqar_result(
 ) -> dict[str, Any]:
     """The stored result of `cfg` at `scale`, trained (resumably) if missing; as
     `aotlib.results.get_result` does for the language-model runs."""
-    from aotlib.results import checkpoint_dir
+    from aotlib.results import checkpoint_dir, stored_or_trained
 
-    key = cfg.key()
-    if not (fresh() and key not in _refreshed):
-        stored = load_mqar_result(cfg, scale)
-        if stored is not None:
-            return stored
-    if not train_missing:
-        raise FileNotFoundError(f"no stored result for {mqar_result_path(cfg, scale).name}")
-    run_dir = checkpoint_dir(cfg, scale)  # type: ignore[arg-type]  (only its key is used)
-    if fresh() and key not in _refreshed:
-        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
-    result = train_mqar(cfg, run_dir, progress=progress)
-    save_json(mqar_result_path(cfg, scale), result)
-    if fresh():
-        _refreshed.add(key)
-    return result
+    return stored_or_trained(
+        cfg, mqar_result_path(cfg, scale), checkpoint_dir(cfg, scale),  # type: ignore[arg-type]
+        lambda run_dir: train_mqar(cfg, run_dir, progress=progress),
+        train_missing=train_missing,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the grid

@@ -66,19 +66,31 @@ def get_result(
     cfg: TrainConfig, scale: str, *, train_missing: bool = True, progress: bool = True
 ) -> dict[str, Any]:
     """Load the stored result of `cfg` at `scale`, training (resumably) if it is missing."""
+    return stored_or_trained(
+        cfg, result_path(cfg, scale), checkpoint_dir(cfg, scale),
+        lambda run_dir: _rounded(train(cfg, run_dir, progress=progress)),
+        train_missing=train_missing,
+    )  # fmt: skip
+
+
+def stored_or_trained(
+    cfg: Any, path: Path, run_dir: Path, train_run, *, train_missing: bool = True
+) -> dict[str, Any]:
+    """The result stored at `path` for `cfg` (anything with a `key()`), or, if missing,
+    `train_run(run_dir)` (resumable from the checkpoint in `run_dir`) stored there. With
+    FRESH=1 each config is retrained once per process, from scratch."""
     key = cfg.key()
     if not (fresh() and key not in _refreshed):
-        stored = load_result(cfg, scale)
+        stored = load_stored(path, key)
         if stored is not None:
             return stored
     if not train_missing:
-        raise FileNotFoundError(f"no stored result for {result_path(cfg, scale).name}")
-    run_dir = checkpoint_dir(cfg, scale)
+        raise FileNotFoundError(f"no stored result for {path.name}")
     if fresh() and key not in _refreshed:
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)
-    result = _rounded(train(cfg, run_dir, progress=progress))
+    result = train_run(run_dir)
     if is_main_process():  # under torchrun every rank trains; one writes the result
-        save_json(result_path(cfg, scale), result)
+        save_json(path, result)
     if fresh():
         _refreshed.add(key)
     return result

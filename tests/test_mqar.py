@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import aotlib.mqar as mqar
+from aotlib.checkpoint import save_json
 from aotlib.mqar import (
     IGNORE,
     MQARConfig,
@@ -140,7 +141,7 @@ def test_the_cpu_grid_sweeps_learning_rates_then_adds_the_second_seed(tmp_path, 
     # Once a point's sweep is stored, its best learning rate is run with the second seed.
     point = runs[: len(lrs)]
     for cfg, acc in zip(point, [0.2, 0.9, 0.5]):
-        mqar.save_json(mqar_result_path(cfg, "cpu"), {"key": cfg.key(), "test_accuracy": acc})
+        save_json(mqar_result_path(cfg, "cpu"), {"key": cfg.key(), "test_accuracy": acc})
     extra = mqar_grid("cpu")[len(runs) :]
     assert extra == [replace(point[1], seed=mqar.SECOND_SEED)]
 
@@ -182,7 +183,7 @@ def test_summary_takes_each_points_best_rate_and_the_verdicts_read_it(tmp_path, 
     def store(cfg, acc):
         result = {"key": cfg.key(), "test_accuracy": acc, "train_seconds": 1.0,
                   "train_examples": 10}  # fmt: skip
-        mqar.save_json(mqar_result_path(cfg, "smoke"), result)
+        save_json(mqar_result_path(cfg, "smoke"), result)
 
     # Accuracy: the state size N (0 for attention) decides, the higher rate adds 0.1.
     acc = lambda cfg: min(1.0, 0.1 + cfg.d_state / 10 + (cfg.lr > 5e-3) / 10)  # noqa: E731
