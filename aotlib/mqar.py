@@ -432,8 +432,6 @@ def load_mqar_result(cfg: MQARConfig, scale: str) -> dict[str, Any] | None:
     return load_stored(mqar_result_path(cfg, scale), cfg.key())
 
 
-
-
 def get_mqar_result(
     cfg: MQARConfig, scale: str, *, train_missing: bool = True, progress: bool = True
 ) -> dict[str, Any]:
