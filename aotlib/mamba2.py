@@ -56,29 +56,38 @@ class CausalConvSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):  # x (b, l, c), weight (c, k), bias (c,)
         l, k = x.shape[1], weight.shape[1]
+        # Contiguous operands: x is a slice of the projection's output and weight[:, j]
+        # is strided; the taps' multiply-adds on them ran at half speed (measured).
+        x = x.contiguous()
+        w = weight.t().contiguous()  # (k, c): tap j's weights, contiguous
         a = bias.expand(x.shape).contiguous()  # (b, l, c), the pre-activation
         for j in range(k):
             s = k - 1 - j  # tap j reads x_{t-s}
             if s < l:
-                a[:, s:].addcmul_(x[:, : l - s], weight[:, j])
-        ctx.save_for_backward(x, weight, a)
+                a[:, s:].addcmul_(x[:, : l - s], w[j])
+        ctx.save_for_backward(x, w, a)
         return F.silu(a)
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight, a = ctx.saved_tensors
-        l, k = x.shape[1], weight.shape[1]
+        x, w, a = ctx.saved_tensors
+        b, l, c = x.shape
+        k = w.shape[0]
         da = torch.ops.aten.silu_backward(dout.contiguous(), a)  # (b, l, c)
-        dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-        dw = torch.empty_like(weight)
+        dx = torch.mul(da, w[k - 1])  # tap k-1 reads x_t itself: it covers every t
+        dw = torch.zeros_like(w)  # (k, c)
+        flat = da.new_empty(da.numel())  # one buffer for the products of every tap
         for j in range(k):
             s = k - 1 - j
             if s < l:
-                dx[:, : l - s].addcmul_(da[:, s:], weight[:, j])
-                dw[:, j] = (da[:, s:] * x[:, : l - s]).sum((0, 1))
-            else:
-                dw[:, j] = 0
-        return dx, dw, da.sum((0, 1))
+                if s:
+                    dx[:, : l - s].addcmul_(da[:, s:], w[j])
+                # summed as (b (l-s), c) rows of a contiguous buffer: 2-4x faster than a
+                # strided out= or a sum over (0, 1) of a fresh product (measured)
+                prod = flat[: b * (l - s) * c].view(b, l - s, c)
+                torch.mul(da[:, s:], x[:, : l - s], out=prod)
+                dw[j] = prod.view(-1, c).sum(0)
+        return dx, dw.t(), da.view(-1, c).sum(0)
 
 
 def causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
@@ -86,20 +95,58 @@ def causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     return CausalConvSiLU.apply(x, conv.weight.squeeze(1), conv.bias)  # (b, l, c)
 
 
+class GatedRMSNorm(torch.autograd.Function):
+    """RMSNorm(x * SiLU(z)) over groups of `group_size` channels, times weight, with its
+    backward written out: the same function as `RMSNorm`'s plain form (the gate, then the
+    norm of each group), in fewer passes over the (b, l, d) tensors than autograd's
+    replay of its seven ops (about 15% less time here, measured).
+
+    With xs = x SiLU(z), r = 1 / sqrt(mean_group(xs^2) + eps), n = xs r, out = n w:
+    dn = dout w, dxs = r (dn - n mean_group(dn n)), dw = sum_rows dout n,
+    dx = dxs SiLU(z), dz = dxs x SiLU'(z).
+    """
+
+    @staticmethod
+    def forward(ctx, x, z, weight, group_size: int, eps: float):
+        gz = F.silu(z)
+        xs = (x * gz).unflatten(-1, (-1, group_size))  # (..., G, gs)
+        r = torch.rsqrt(xs.square().mean(-1, keepdim=True) + eps)  # (..., G, 1)
+        n = xs.mul_(r)  # normalised, in place of xs
+        ctx.save_for_backward(x, z, gz, n, r, weight)
+        return n.flatten(-2) * weight
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, z, gz, n, r, weight = ctx.saved_tensors
+        dw = (dout * n.flatten(-2)).flatten(0, -2).sum(0)  # (d,)
+        dn = (dout * weight).unflatten(-1, n.shape[-2:])  # (..., G, gs)
+        dot = (dn * n).mean(-1, keepdim=True)  # (..., G, 1)
+        dxs = dn.sub_(n * dot).mul_(r).flatten(-2)  # (..., d)
+        dx = dxs * gz
+        dz = torch.ops.aten.silu_backward(dxs.mul_(x), z)
+        return dx, dz, dw, None, None
+
+
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight; with `z`, the gated form RMSNorm(x * SiLU(z)) over groups."""
+    """x / rms(x) * weight; with `z`, the gated form RMSNorm(x * SiLU(z)) over groups
+    (`GatedRMSNorm`; `fused = False` runs it as plain ops, the reference). Computed in at
+    least float32 whatever the input's dtype, returned in it."""
 
     def __init__(self, d: int, group_size: int | None = None, eps: float = 1e-5) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d))
         self.group_size = group_size or d
         self.eps = eps
+        self.fused = True
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))
+        if z is not None and self.fused:
+            out = GatedRMSNorm.apply(x, z.to(x.dtype), self.weight, self.group_size, self.eps)
+            return out.to(dtype)
         if z is not None:
-            x = x * F.silu(z.float())
+            x = x * F.silu(z.to(x.dtype))
         # With ngroups > 1, each group of heads is normalised on its own, so the layer
         # does not mix statistics across groups (keeps tensor-parallel splits exact).
         xg = x.unflatten(-1, (-1, self.group_size))  # (..., g, d / g)

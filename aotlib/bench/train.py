@@ -29,8 +29,9 @@ Variants, timed interleaved:
 - plain: what a textbook loop does: model(inputs) -> logits -> F.cross_entropy;
 - eager_before (Mamba-2 only, not run by default): "eager" as Mamba-2 trained before
   issue 15: the SSD's chunked path differentiated by autograd through its steps (not the
-  written-out backward of `aotlib.ssd_grad`) and the conv as nn.Conv1d then F.silu (not
-  `aotlib.mamba2.causal_conv_silu`): `--variants eager eager_before` is the before/after
+  written-out backward of `aotlib.ssd_grad`), the conv as nn.Conv1d then F.silu (not
+  `aotlib.mamba2.causal_conv_silu`) and the gated norm as plain ops (not
+  `aotlib.mamba2.GatedRMSNorm`): `--variants eager eager_before` is the before/after
   A/B, timed interleaved in one process.
 All use `aotlib.models.Dropout` (four decisions per 64-bit draw; nn.Dropout's one draw
 per element costs as much as the model's matmuls here) and fused AdamW.
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit("--variants eager_before needs --arch mamba2")
             for blk in model.blocks:
                 blk.ssd_backward, blk.conv_form = "autograd", "conv1d"
+                blk.norm.fused = False
         for _ in range(2):  # warm-up: compilation, allocator, caches
             steps[name]()
         print(f"[{name}] warm-up (incl. compilation) {time.perf_counter() - t0:.1f} s")
