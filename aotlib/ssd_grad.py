@@ -300,10 +300,8 @@ def _block_backward(
     # Q = 32 (measured); the copies are one pass over x and dy each
     xd_h = torch.mul(x.transpose(1, 2), dt_q.transpose(1, 2), out=buf.tmp.view(K, h, Q, p))
     dy_h = buf.dy_h.copy_(dy.transpose(1, 2))  # (K, h, Q, p)
-    torch.bmm(P.view(-1, Q, Q).transpose(-1, -2), dy_h.view(-1, Q, p),
-              out=buf.dxd_h.view(-1, Q, p))  # P^T dY  # fmt: skip
-    torch.bmm(dy_h.view(-1, Q, p), xd_h.view(-1, Q, p).transpose(-1, -2),
-              out=buf.dP.view(-1, Q, Q))  # dY xd^T  # fmt: skip
+    _matmul(P.transpose(-1, -2), dy_h, buf.dxd_h)  # P^T dY
+    _matmul(dy_h, xd_h.transpose(-1, -2), buf.dP)  # dY xd^T
     dxd.add_(buf.dxd_h.transpose(1, 2))
     dPL = buf.dP.mul_(L).view(K, g, hg, Q, Q)
     dCB = torch.sum(dPL, 2, out=buf.dCB).tril_()  # (K, g, Q, Q)
