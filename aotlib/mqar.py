@@ -451,9 +451,12 @@ def get_mqar_result(
 # Per scale: the task, the budget, the widths, state sizes and learning rates. `cpu` is
 # the issue's proposed setting (T = 64, K = 16 = T/4 pairs, fully packed, V = 256) with
 # widths chosen so that the state per pair, 2 d N / K per layer, runs from 4 (d = 16,
-# N = 2) to 256 (d = 64, N = 32) across the paper's 8-64 transition, at about 6 CPU-hours
-# (`python -m aotlib.mqar --scale cpu` prints the table): 4000 steps of 64 examples is
-# 256k examples a run, fewer than the issue's pilots needed, so calibrate `steps` first.
+# N = 2) to 256 (d = 64, N = 32) across the paper's 8-64 transition, at about 6-7
+# CPU-hours (`python -m aotlib.mqar --scale cpu` prints the table). Calibrated by pilots
+# (4000 steps of 64 examples, 256k examples a run): attention d = 128 at lr 3e-3 reaches
+# test accuracy 1.00; Mamba-2 d = 64, N = 32 reaches 0.10 at 3e-3 and 0.06 at 1e-3 (step
+# 1000), but 0.98 by step 1500 at 1e-2. So the rates are zoology's upper range,
+# 3e-3 to 3e-2, not 1e-3 to 1e-2, and 4000 steps suffice where the state is large enough.
 # `paper` is the Mamba-2 paper's T = 512 point (K = 128, V = 8192) for GPU users.
 MQAR_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(vocab_size=32, seq_len=16, n_pairs=4, steps=30, batch_size=16, warmup=5,
@@ -461,7 +464,7 @@ MQAR_PRESETS: dict[str, dict[str, Any]] = {
                   lrs=[3e-3, 1e-2], pairs=[2], pairs_width=16),
     "cpu": dict(vocab_size=256, seq_len=64, n_pairs=16, steps=4000, batch_size=64,
                 warmup=100, eval_every=500, n_test=1000, widths=[16, 32, 64],
-                gpt_widths=[16, 32, 64, 128], states=[2, 8, 32], lrs=[1e-3, 3e-3, 1e-2],
+                gpt_widths=[16, 32, 64, 128], states=[2, 8, 32], lrs=[3e-3, 1e-2, 3e-2],
                 pairs=[4, 8], pairs_width=32),
     "paper": dict(vocab_size=8192, seq_len=512, n_pairs=128, steps=20_000, batch_size=256,
                   warmup=1000, eval_every=1000, n_test=3000, widths=[32, 64, 128, 256],
@@ -488,15 +491,27 @@ def mqar_config(scale: str, arch: str, d_model: int, d_state: int = 0, **over: A
 
 
 def _points(scale: str) -> list[MQARConfig]:
-    """Every (model, width, K) point of the grid, at seed 0 and no learning rate yet."""
+    """Every (model, width) point of the main grid, at the preset's K, seed 0 and no
+    learning rate yet: each is swept over the preset's learning rates."""
     p = MQAR_PRESETS[check_scale(scale)]
     points = [mqar_config(scale, "gpt", d) for d in p["gpt_widths"]]
-    points += [mqar_config(scale, "mamba2", d, n) for d in p["widths"] for n in p["states"]]
+    return points + [mqar_config(scale, "mamba2", d, n) for d in p["widths"] for n in p["states"]]
+
+
+def _capacity_points(scale: str) -> list[tuple[MQARConfig, MQARConfig]]:
+    """The capacity sweep, fewer pairs at one width: (point, its twin at the preset's K).
+
+    A point is not swept over learning rates: it trains at its twin's best one (the same
+    model at the same width, on the full task), which keeps the sweep to two runs a point.
+    """
+    p = MQAR_PRESETS[check_scale(scale)]
     d = p["pairs_width"]
-    for k in p["pairs"]:  # the capacity sweep: fewer pairs at one width
-        points += [mqar_config(scale, "gpt", d, n_pairs=k)]
-        points += [mqar_config(scale, "mamba2", d, n, n_pairs=k) for n in p["states"]]
-    return points
+    if d not in p["widths"] or d not in p["gpt_widths"]:
+        raise ValueError(f"pairs_width={d} must be one of the grid's widths (Mamba-2 and GPT)")
+    twins = [mqar_config(scale, "gpt", d)] + [
+        mqar_config(scale, "mamba2", d, n) for n in p["states"]
+    ]
+    return [(replace(t, n_pairs=k), t) for k in p["pairs"] for t in twins]
 
 
 def best_lr(scale: str, point: MQARConfig) -> float | None:
@@ -513,9 +528,10 @@ def best_lr(scale: str, point: MQARConfig) -> float | None:
 
 def mqar_grid(scale: str) -> list[MQARConfig]:
     """Notebook 10: every point at each learning rate on seed 0, then (appended once a
-    point's seed-0 runs are all stored) its best learning rate on seed 1.
+    point's seed-0 runs are all stored) its best learning rate on seed 1, and the capacity
+    sweep's points at their twin's best rate on seeds 0 and 1 (`_capacity_points`).
 
-    The second part grows as the first is trained: `python -m aotlib grid mqar` lists the
+    The later parts grow as the first is trained: `python -m aotlib grid mqar` lists the
     grid again after each pass, so one command trains both.
     """
     lrs = MQAR_PRESETS[check_scale(scale)]["lrs"]
@@ -525,6 +541,10 @@ def mqar_grid(scale: str) -> list[MQARConfig]:
         lr = best_lr(scale, pt)
         if lr is not None and len(lrs) > 1:
             runs.append(replace(pt, lr=lr, min_lr=lr / 10, seed=SECOND_SEED))
+    for pt, twin in _capacity_points(scale):  # once the twin's sweep is stored
+        lr = best_lr(scale, twin)
+        if lr is not None:
+            runs += [replace(pt, lr=lr, min_lr=lr / 10, seed=s) for s in (0, SECOND_SEED)]
     return runs
 
 
@@ -667,18 +687,20 @@ def grid_cost(scale: str, steps: int = 5) -> list[dict[str, Any]]:
     """The grid's cost from measured step times: one row per model kind, then a total.
 
     Counts every run the grid will hold once complete: each point at every learning rate
-    on seed 0, plus its best rate on seed 1.
+    on seed 0, plus its best rate on seed 1; each capacity point on two seeds.
     """
     p = MQAR_PRESETS[check_scale(scale)]
-    n_runs_per_point = len(p["lrs"]) + (1 if len(p["lrs"]) > 1 else 0)
+    swept = len(p["lrs"]) + (1 if len(p["lrs"]) > 1 else 0)  # the sweep, then seed 1
+    counted = [(pt, swept) for pt in _points(scale)]
+    counted += [(pt, 2) for pt, _ in _capacity_points(scale)]  # twin's rate, two seeds
     rows: dict[tuple, dict[str, Any]] = {}
-    for pt in _points(scale):
+    for pt, n_runs in counted:
         k = (pt.label(), pt.d_model, pt.n_pairs)
         if k not in rows:
             ms = 1000 * step_seconds(pt, steps)
             rows[k] = {"model": pt.label(), "d_model": pt.d_model, "n_pairs": pt.n_pairs,
                        "runs": 0, "steps": pt.steps, "ms_per_step": ms}  # fmt: skip
-        rows[k]["runs"] += n_runs_per_point
+        rows[k]["runs"] += n_runs
     out = list(rows.values())
     for r in out:
         r["cpu_hours"] = r["runs"] * r["steps"] * r["ms_per_step"] / 3.6e6

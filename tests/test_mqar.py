@@ -146,6 +146,30 @@ def test_the_cpu_grid_sweeps_learning_rates_then_adds_the_second_seed(tmp_path, 
     assert extra == [replace(point[1], seed=mqar.SECOND_SEED)]
 
 
+def test_capacity_points_train_at_their_twins_best_rate_once_it_is_known(tmp_path, monkeypatch):
+    monkeypatch.setenv("AOTLIB_RESULTS", str(tmp_path))
+    p = mqar.MQAR_PRESETS["cpu"]
+    assert not [r for r in mqar_grid("cpu") if r.n_pairs != p["n_pairs"]]
+    pt, twin = mqar._capacity_points("cpu")[-1]  # the largest state at the most pairs swept
+    assert (pt.arch, pt.d_model, pt.d_state) == (twin.arch, p["pairs_width"], max(p["states"]))
+    assert pt.n_pairs < twin.n_pairs == p["n_pairs"]
+    for lr, acc in zip(p["lrs"], [0.3, 0.2, 0.7]):
+        cfg = replace(twin, lr=lr, min_lr=lr / 10)
+        save_json(mqar_result_path(cfg, "cpu"), {"key": cfg.key(), "test_accuracy": acc})
+    added = [r for r in mqar_grid("cpu") if r.n_pairs != p["n_pairs"]]
+    lr, seeds = p["lrs"][2], (0, mqar.SECOND_SEED)
+    mine = [q for q, t in mqar._capacity_points("cpu") if t == twin]  # one per K swept
+    assert len(mine) == len(p["pairs"]) and pt in mine
+    assert added == [replace(q, lr=lr, min_lr=lr / 10, seed=s) for q in mine for s in seeds]
+
+
+def test_the_capacity_sweep_needs_a_width_of_the_grid(monkeypatch):
+    preset = dict(mqar.MQAR_PRESETS["smoke"], pairs_width=24)
+    monkeypatch.setitem(mqar.MQAR_PRESETS, "smoke", preset)
+    with pytest.raises(ValueError, match="pairs_width=24"):
+        mqar_grid("smoke")
+
+
 def test_smoke_run_trains_resumes_after_a_kill_and_is_stored(tmp_path, monkeypatch):
     monkeypatch.setenv("AOTLIB_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("AOTLIB_CACHE", str(tmp_path / "cache"))
@@ -189,10 +213,14 @@ def test_summary_takes_each_points_best_rate_and_the_verdicts_read_it(tmp_path, 
     acc = lambda cfg: min(1.0, 0.1 + cfg.d_state / 10 + (cfg.lr > 5e-3) / 10)  # noqa: E731
     for cfg in mqar_grid("smoke"):
         store(cfg, acc(cfg) if cfg.arch == "mamba2" else 0.95)
-    second = [cfg for cfg in mqar_grid("smoke") if cfg.seed == mqar.SECOND_SEED]
-    assert len(second) == len(mqar._points("smoke"))
-    for cfg in second:
+    later = mqar_grid("smoke")[
+        len(mqar._points("smoke")) * len(mqar.MQAR_PRESETS["smoke"]["lrs"]) :
+    ]
+    second = [cfg for cfg in later if cfg.seed == mqar.SECOND_SEED]
+    assert len(second) == len(mqar._points("smoke")) + len(mqar._capacity_points("smoke"))
+    for cfg in later:
         store(cfg, acc(cfg) if cfg.arch == "mamba2" else 0.95)
+    assert mqar_grid("smoke")[-len(later) :] == later  # nothing more to add
     summary = mqar.summary_table("smoke")
     m = summary[summary.arch == "mamba2"]
     assert (m.best_lr == 1e-2).all() and (summary.seeds == 2).all()
