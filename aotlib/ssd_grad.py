@@ -143,7 +143,7 @@ def chunked_backward(
     K = m * k
     plain = dec.without_dt()  # decay_matrix(plain) = L, without dt
     dx = new_output(x, b, l, h, p)
-    dB, dC = B.new_empty(b, l, g, n), C.new_empty(b, l, g, n)
+    dB, dC = new_output(B, b, l, g, n), new_output(C, b, l, g, n)  # 33 MB each at 64K
     ddt = dec.dt.new_empty(b, c, h, Q)  # dec's layout (padded), reordered at the end
     dA = A.new_zeros(A.shape)
     dD = None if D is None else D.new_zeros(D.shape)
