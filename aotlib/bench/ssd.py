@@ -46,7 +46,9 @@ path's written-out backward (`aotlib.ssd_grad`, what training runs) and, as the
 before/after A/B in the same process, forward+backward with autograd through the chunked
 steps (`ssd_chunked(..., backward="autograd")`, the training path before it). Each is a
 share of the matmul rate, timed in alternating pairs with the matmul (median ratio), both
-in this process's CPU time (one thread: a call's own work, whatever the load);
+in this process's CPU time (one thread: a call's own work, whatever the load), each
+path's pairs together and the autograd reference last (its freed gigabytes slow the calls
+that follow it);
 forward+backward counts 3x the forward's FLOPs (the backward's matmuls are about twice
 the forward's). Peak memory of each at each length, as above (fresh subprocesses).
 
