@@ -492,10 +492,11 @@ def mqar_config(scale: str, arch: str, d_model: int, d_state: int = 0, **over: A
 
 def _points(scale: str) -> list[MQARConfig]:
     """Every (model, width) point of the main grid, at the preset's K, seed 0 and no
-    learning rate yet: each is swept over the preset's learning rates."""
+    learning rate yet: each is swept over the preset's learning rates. Mamba-2 first (the
+    figure's subject, and cheaper per run), then attention."""
     p = MQAR_PRESETS[check_scale(scale)]
-    points = [mqar_config(scale, "gpt", d) for d in p["gpt_widths"]]
-    return points + [mqar_config(scale, "mamba2", d, n) for d in p["widths"] for n in p["states"]]
+    points = [mqar_config(scale, "mamba2", d, n) for d in p["widths"] for n in p["states"]]
+    return points + [mqar_config(scale, "gpt", d) for d in p["gpt_widths"]]
 
 
 def _capacity_points(scale: str) -> list[tuple[MQARConfig, MQARConfig]]:
@@ -512,6 +513,12 @@ def _capacity_points(scale: str) -> list[tuple[MQARConfig, MQARConfig]]:
         mqar_config(scale, "mamba2", d, n) for n in p["states"]
     ]
     return [(replace(t, n_pairs=k), t) for k in p["pairs"] for t in twins]
+
+
+def grid_points(scale: str) -> list[MQARConfig]:
+    """Every point the grid will hold once trained, the capacity sweep's included (seed 0,
+    the preset's first learning rate): a listing that does not depend on what is stored."""
+    return _points(scale) + [pt for pt, _ in _capacity_points(scale)]
 
 
 def best_lr(scale: str, point: MQARConfig) -> float | None:

@@ -150,6 +150,10 @@ def test_capacity_points_train_at_their_twins_best_rate_once_it_is_known(tmp_pat
     monkeypatch.setenv("AOTLIB_RESULTS", str(tmp_path))
     p = mqar.MQAR_PRESETS["cpu"]
     assert not [r for r in mqar_grid("cpu") if r.n_pairs != p["n_pairs"]]
+    # ... but the listing of points has them, whatever is stored (notebook 10's table)
+    listed = mqar.grid_points("cpu")
+    assert listed == mqar._points("cpu") + [q for q, _ in mqar._capacity_points("cpu")]
+    assert {q.n_pairs for q in listed} == {p["n_pairs"], *p["pairs"]}
     pt, twin = mqar._capacity_points("cpu")[-1]  # the largest state at the most pairs swept
     assert (pt.arch, pt.d_model, pt.d_state) == (twin.arch, p["pairs_width"], max(p["states"]))
     assert pt.n_pairs < twin.n_pairs == p["n_pairs"]
