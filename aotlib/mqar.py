@@ -580,11 +580,12 @@ def train_grid(scale: str, progress: bool = True) -> None:
 
 
 def summary_table(scale: str) -> pd.DataFrame:
-    """One row per point of the grid with stored runs: its best learning rate (seed 0) and
-    the test accuracy there, per seed and averaged, as zoology reports a point."""
+    """One row per point of the grid with stored runs: its best learning rate (seed 0) among
+    the `rates` stored so far and the test accuracy there, per seed and averaged, as
+    zoology reports a point."""
     rows = grid_table(scale)
-    cols = ["model", "arch", "d_model", "d_state", "n_pairs", "state_per_pair", "best_lr",
-            "seeds", "accuracy", "acc_seed0", "acc_seed1"]  # fmt: skip
+    cols = ["model", "arch", "d_model", "d_state", "n_pairs", "state_per_pair", "rates",
+            "best_lr", "seeds", "accuracy", "acc_seed0", "acc_seed1"]  # fmt: skip
     if not rows:
         return pd.DataFrame(columns=cols)
     df = pd.DataFrame(rows)
@@ -597,7 +598,8 @@ def summary_table(scale: str) -> pd.DataFrame:
         at = g[g.lr == best.lr].sort_values("seed")
         accs = dict(zip(at.seed, at.test_accuracy))
         out.append(dict(zip(["model", "arch", "d_model", "d_state", "n_pairs"], key),
-                        state_per_pair=best.state_per_pair, best_lr=best.lr, seeds=len(at),
+                        state_per_pair=best.state_per_pair, rates=len(first),
+                        best_lr=best.lr, seeds=len(at),
                         accuracy=float(at.test_accuracy.mean()), acc_seed0=accs.get(0),
                         acc_seed1=accs.get(SECOND_SEED)))  # fmt: skip
     return pd.DataFrame(out, columns=cols)

@@ -228,6 +228,9 @@ def test_summary_takes_each_points_best_rate_and_the_verdicts_read_it(tmp_path, 
     summary = mqar.summary_table("smoke")
     m = summary[summary.arch == "mamba2"]
     assert (m.best_lr == 1e-2).all() and (summary.seeds == 2).all()
+    # the full task's points are swept over both rates, the capacity sweep's run at one
+    assert set(summary[summary.n_pairs == 4].rates) == {2}
+    assert set(summary[summary.n_pairs == 2].rates) == {1}
     assert list(m.accuracy.round(2)) == [0.4, 1.0, 0.4, 1.0]  # N = 2, 8 at K = 4, then K = 2
     v = mqar.verdicts(summary, "smoke").set_index("claim").verdict
     assert v["Mamba-2: N=8 above N=2 at d=16"] == "agree"
