@@ -515,10 +515,22 @@ def _capacity_points(scale: str) -> list[tuple[MQARConfig, MQARConfig]]:
     return [(replace(t, n_pairs=k), t) for k in p["pairs"] for t in twins]
 
 
+CAPACITY_SEEDS = (0, SECOND_SEED)  # a capacity point's runs, at its twin's best rate
+
+
+def grid_plan(scale: str) -> list[tuple[MQARConfig, int]]:
+    """Every point the grid will hold once trained (seed 0, no rate chosen), with its number
+    of runs: the rate sweep plus seed 1, or a capacity point's seeds. A listing that does
+    not depend on what is stored (`mqar_grid` grows as runs are stored)."""
+    lrs = MQAR_PRESETS[check_scale(scale)]["lrs"]
+    swept = len(lrs) + (1 if len(lrs) > 1 else 0)
+    plan = [(pt, swept) for pt in _points(scale)]
+    return plan + [(pt, len(CAPACITY_SEEDS)) for pt, _ in _capacity_points(scale)]
+
+
 def grid_points(scale: str) -> list[MQARConfig]:
-    """Every point the grid will hold once trained, the capacity sweep's included (seed 0,
-    the preset's first learning rate): a listing that does not depend on what is stored."""
-    return _points(scale) + [pt for pt, _ in _capacity_points(scale)]
+    """The points of `grid_plan`, the capacity sweep's included."""
+    return [pt for pt, _ in grid_plan(scale)]
 
 
 def best_lr(scale: str, point: MQARConfig) -> float | None:
@@ -551,7 +563,7 @@ def mqar_grid(scale: str) -> list[MQARConfig]:
     for pt, twin in _capacity_points(scale):  # once the twin's sweep is stored
         lr = best_lr(scale, twin)
         if lr is not None:
-            runs += [replace(pt, lr=lr, min_lr=lr / 10, seed=s) for s in (0, SECOND_SEED)]
+            runs += [replace(pt, lr=lr, min_lr=lr / 10, seed=s) for s in CAPACITY_SEEDS]
     return runs
 
 
@@ -698,12 +710,8 @@ def grid_cost(scale: str, steps: int = 5) -> list[dict[str, Any]]:
     Counts every run the grid will hold once complete: each point at every learning rate
     on seed 0, plus its best rate on seed 1; each capacity point on two seeds.
     """
-    p = MQAR_PRESETS[check_scale(scale)]
-    swept = len(p["lrs"]) + (1 if len(p["lrs"]) > 1 else 0)  # the sweep, then seed 1
-    counted = [(pt, swept) for pt in _points(scale)]
-    counted += [(pt, 2) for pt, _ in _capacity_points(scale)]  # twin's rate, two seeds
     rows: dict[tuple, dict[str, Any]] = {}
-    for pt, n_runs in counted:
+    for pt, n_runs in grid_plan(scale):
         k = (pt.label(), pt.d_model, pt.n_pairs)
         if k not in rows:
             ms = 1000 * step_seconds(pt, steps)
@@ -732,6 +740,20 @@ PAPER_MQAR: dict[str, PaperNumber] = {
     }.items()
 }  # fmt: skip
 PAPER_WIDTHS = (32, 64, 128, 256)
+PAPER_PAIRS = 128  # the panel's K = T/4
+
+
+def paper_capacity() -> pd.DataFrame:
+    """The paper's Mamba-2 points of `PAPER_MQAR` against their state per pair 2dN/K (as
+    `MQARConfig.state_per_pair`): one row per (state size, width)."""
+    rows = []
+    for name, number in PAPER_MQAR.items():
+        if name.startswith("Mamba-2 N="):
+            n = int(name.removeprefix("Mamba-2 N="))
+            rows += [{"model": name, "d_state": n, "d_model": d, "accuracy": a,
+                      "state_per_pair": 2 * d * n / PAPER_PAIRS}
+                     for d, a in zip(PAPER_WIDTHS, number.value)]  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def format_example(inputs: torch.Tensor, targets: torch.Tensor, n_pairs: int) -> str:

@@ -235,3 +235,21 @@ def test_summary_takes_each_points_best_rate_and_the_verdicts_read_it(tmp_path, 
     v = mqar.verdicts(summary, "smoke").set_index("claim").verdict
     assert v["Mamba-2: N=8 above N=2 at d=16"] == "agree"
     assert v["attention near-perfect (>= 0.9) at its largest width d=16"] == "agree"
+
+
+def test_the_plan_counts_every_run_the_grid_will_hold():
+    p = mqar.MQAR_PRESETS["cpu"]
+    plan = mqar.grid_plan("cpu")
+    main = len(p["gpt_widths"]) + len(p["widths"]) * len(p["states"])
+    capacity = len(p["pairs"]) * (1 + len(p["states"]))
+    assert [pt for pt, _ in plan] == mqar.grid_points("cpu") and len(plan) == main + capacity
+    assert sum(n for _, n in plan) == main * (len(p["lrs"]) + 1) + 2 * capacity == 68
+
+
+def test_the_papers_capacity_points_use_the_grids_state_per_pair():
+    paper = mqar.paper_capacity().set_index(["d_state", "d_model"])
+    assert len(paper) == 3 * len(mqar.PAPER_WIDTHS)  # Mamba-2 N = 16, 64, 256
+    assert paper.loc[(16, 32), "state_per_pair"] == 2 * 32 * 16 / 128 == 8.0
+    assert paper.loc[(16, 32), "accuracy"] == mqar.PAPER_MQAR["Mamba-2 N=16"].value[0]
+    cfg = MQARConfig(arch="mamba2", d_model=32, d_state=16, n_pairs=4, seq_len=16)
+    assert cfg.state_per_pair() == 2 * 32 * 16 / 4  # the same formula
