@@ -184,3 +184,30 @@ def test_bench_training_sweep_smoke(monkeypatch) -> None:
     assert names == ["forward share (lowest)", "fwd+bwd share (lowest)",
                      "fwd+bwd speed-up vs autograd"]  # fmt: skip
     assert "training sweep" in bench.format_report(df, setup, bench.summarize(df, setup))
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_bench_train_counts_the_ssd_flops(ngroups) -> None:
+    """`python -m aotlib.bench train` charges Mamba-2 with its chunked SSD's matmuls (the
+    causal half inside chunks), GPT with attention's 2 T d and the RNNs with nothing
+    beyond their weights: Mamba-2's count is the SSD forward's counted matmul FLOPs less
+    the masked-out half of the Q x Q products, up to the decay matrices' share."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from aotlib.bench.train import mixing_flops
+    from aotlib.models import model_config
+
+    cfg = model_config("mamba2", "s", vocab_size=256, context=128, ngroups=ngroups)
+    b, l, h, p = 2, cfg.context, cfg.n_heads_ssm, cfg.head_dim
+    g, n, Q = cfg.ngroups, cfg.d_state, cfg.chunk_size
+    x, dt, A = torch.randn(b, l, h, p), torch.rand(b, l, h) / 10, -torch.rand(h)
+    B, C = torch.randn(b, l, g, n), torch.randn(b, l, g, n)
+    with FlopCounterMode(display=False) as counter:
+        ssd_chunked(x, dt, A, B, C, Q, backward="autograd")  # the dense form: every matmul
+    counted = counter.get_total_flops() / (b * l)  # per token, all heads
+    masked_half = Q * n * g + Q * p * h  # above the diagonal of each chunk's C B^T and M
+    mixing = mixing_flops(cfg)
+    # what remains beyond the count is the decay matrices' small matmuls (a few percent)
+    assert mixing <= counted - masked_half <= 1.05 * mixing
+    gpt, lstm = model_config("gpt", "s", context=128), model_config("lstm", "s", context=128)
+    assert mixing_flops(gpt) == 2 * 128 * gpt.d_model and mixing_flops(lstm) == 0

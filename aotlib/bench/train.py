@@ -11,8 +11,18 @@ batch 32, float32, one torch thread (the machine has 2 cores shared by several u
 Model FLOPs per token (the usual 6N rule; multiply-add = 2 FLOPs, backward = 2x forward):
 
     6 * N_non_embedding                  every weight matrix (LayerNorm/bias count as if)
-  + 6 * n_layer * T * d                  attention scores and mixing, causal half only
+  + 3 * n_layer * mixing                 sequence mixing beyond the weights, per layer:
   + 6 * vocab * d                        the LM head (computed, though tied)
+
+where mixing (forward, per token and layer, `mixing_flops`) is what each architecture's
+own sequence mixing multiplies, counted the same way for all (causal half only):
+GPT 2 T d (scores and mixing over T positions); LSTM, GRU 0 (their recurrences are
+weight matrices, already in 6N); Mamba-2's chunked SSD Q N g + h (Q P + 4 N P) (C B^T
+once per group and its product with x inside each chunk of Q, then each head's chunk
+state and state-to-output: `aotlib.bench.ssd`'s count with the causal half and the
+group's shared C B^T). Before issue 15's review every architecture was charged GPT's
+2 T d, which undercounted Mamba-2's SSD (2.3x less at the cpu preset) and overcounted
+the RNNs.
 
 The reference is a float32 2048^3 `torch.matmul`, timed with the same thread count in
 the same run, right before each timed repeat. The machine is shared, so every rate is
@@ -88,10 +98,23 @@ def matmul_rate(n: int = 2048, bursts: int = 3, per_burst: int = 4) -> tuple[flo
     return wall, cpu
 
 
+def mixing_flops(cfg: ModelConfig) -> float:
+    """Forward FLOPs per token and layer of the sequence mixing that is not a weight
+    matrix, causal half only (see the module docstring)."""
+    if cfg.arch == "gpt":
+        return 2 * cfg.context * cfg.d_model
+    if cfg.arch == "mamba2":
+        Q, N, P, g = cfg.chunk_size, cfg.d_state, cfg.head_dim, cfg.ngroups
+        h = cfg.n_heads_ssm
+        return Q * N * g + h * (Q * P + 4 * N * P)
+    return 0.0  # lstm, gru: the recurrence is weights, counted in 6N
+
+
 def flops_per_token(cfg: ModelConfig, n_non_embedding: int) -> float:
     """Model FLOPs of one training token (see the module docstring)."""
-    T, d = cfg.context, cfg.d_model
-    return 6 * n_non_embedding + 6 * cfg.n_layer * T * d + 6 * cfg.vocab_size * d
+    return (
+        6 * n_non_embedding + 3 * cfg.n_layer * mixing_flops(cfg) + 6 * cfg.vocab_size * cfg.d_model
+    )
 
 
 def make_step(
@@ -174,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}] warm-up (incl. compilation) {time.perf_counter() - t0:.1f} s")
     n_ne = count_parameters(model)
     fpt = flops_per_token(cfg, n_ne)
-    print(f"non-embedding parameters {n_ne:,}; model FLOPs/token {fpt / 1e6:.2f} M")
+    mix = 3 * cfg.n_layer * mixing_flops(cfg)
+    print(
+        f"non-embedding parameters {n_ne:,}; model FLOPs/token {fpt / 1e6:.2f} M "
+        f"(of which sequence mixing {mix / 1e6:.2f} M)"
+    )
 
     # Each repeat times every variant, each right after a fresh matmul rate, so that
     # all of them see the same (shared, changing) machine.
