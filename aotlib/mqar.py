@@ -491,41 +491,41 @@ def mqar_config(scale: str, arch: str, d_model: int, d_state: int = 0, **over: A
 
 
 def _points(scale: str) -> list[MQARConfig]:
-    """Every (model, width) point of the main grid, at the preset's K, seed 0 and no
-    learning rate yet: each is swept over the preset's learning rates. Mamba-2 first (the
-    figure's subject, and cheaper per run), then attention."""
+    """Every point of the grid at seed 0 with no learning rate yet (each is swept over the
+    preset's rates): (model, width) at the preset's K, Mamba-2 first (the figure's
+    subject, and cheaper per run), then attention; then the capacity sweep
+    (`_capacity_points`)."""
     p = MQAR_PRESETS[check_scale(scale)]
     points = [mqar_config(scale, "mamba2", d, n) for d in p["widths"] for n in p["states"]]
-    return points + [mqar_config(scale, "gpt", d) for d in p["gpt_widths"]]
+    return (
+        points + [mqar_config(scale, "gpt", d) for d in p["gpt_widths"]] + _capacity_points(scale)
+    )
 
 
-def _capacity_points(scale: str) -> list[tuple[MQARConfig, MQARConfig]]:
-    """The capacity sweep, fewer pairs at one width: (point, its twin at the preset's K).
+def _capacity_points(scale: str) -> list[MQARConfig]:
+    """The capacity sweep: every model at one width (`pairs_width`) with fewer pairs.
 
-    A point is not swept over learning rates: it trains at its twin's best one (the same
-    model at the same width, on the full task), which keeps the sweep to two runs a point.
+    Swept over the learning rates like the full task's points. (Training them at their
+    full-task twin's best rate instead, to save runs, left 3 of 8 points' seed-0 runs at
+    chance, 1/K: the best rate at K = 16 does not carry over to K = 4 or 8.)
     """
     p = MQAR_PRESETS[check_scale(scale)]
     d = p["pairs_width"]
     if d not in p["widths"] or d not in p["gpt_widths"]:
         raise ValueError(f"pairs_width={d} must be one of the grid's widths (Mamba-2 and GPT)")
-    twins = [mqar_config(scale, "gpt", d)] + [
+    models = [mqar_config(scale, "gpt", d)] + [
         mqar_config(scale, "mamba2", d, n) for n in p["states"]
     ]
-    return [(replace(t, n_pairs=k), t) for k in p["pairs"] for t in twins]
-
-
-CAPACITY_SEEDS = (0, SECOND_SEED)  # a capacity point's runs, at its twin's best rate
+    return [replace(m, n_pairs=k) for k in p["pairs"] for m in models]
 
 
 def grid_plan(scale: str) -> list[tuple[MQARConfig, int]]:
     """Every point the grid will hold once trained (seed 0, no rate chosen), with its number
-    of runs: the rate sweep plus seed 1, or a capacity point's seeds. A listing that does
-    not depend on what is stored (`mqar_grid` grows as runs are stored)."""
+    of runs: the rate sweep plus seed 1. A listing that does not depend on what is stored
+    (`mqar_grid` grows as runs are stored)."""
     lrs = MQAR_PRESETS[check_scale(scale)]["lrs"]
-    swept = len(lrs) + (1 if len(lrs) > 1 else 0)
-    plan = [(pt, swept) for pt in _points(scale)]
-    return plan + [(pt, len(CAPACITY_SEEDS)) for pt, _ in _capacity_points(scale)]
+    runs = len(lrs) + (1 if len(lrs) > 1 else 0)
+    return [(pt, runs) for pt in _points(scale)]
 
 
 def grid_points(scale: str) -> list[MQARConfig]:
@@ -546,11 +546,10 @@ def best_lr(scale: str, point: MQARConfig) -> float | None:
 
 
 def mqar_grid(scale: str) -> list[MQARConfig]:
-    """Notebook 10: every point at each learning rate on seed 0, then (appended once a
-    point's seed-0 runs are all stored) its best learning rate on seed 1, and the capacity
-    sweep's points at their twin's best rate on seeds 0 and 1 (`_capacity_points`).
+    """Notebook 10: every point (`_points`) at each learning rate on seed 0, then (appended
+    once a point's seed-0 runs are all stored) its best learning rate on seed 1.
 
-    The later parts grow as the first is trained: `python -m aotlib grid mqar` lists the
+    The second part grows as the first is trained: `python -m aotlib grid mqar` lists the
     grid again after each pass, so one command trains both.
     """
     lrs = MQAR_PRESETS[check_scale(scale)]["lrs"]
@@ -560,10 +559,6 @@ def mqar_grid(scale: str) -> list[MQARConfig]:
         lr = best_lr(scale, pt)
         if lr is not None and len(lrs) > 1:
             runs.append(replace(pt, lr=lr, min_lr=lr / 10, seed=SECOND_SEED))
-    for pt, twin in _capacity_points(scale):  # once the twin's sweep is stored
-        lr = best_lr(scale, twin)
-        if lr is not None:
-            runs += [replace(pt, lr=lr, min_lr=lr / 10, seed=s) for s in CAPACITY_SEEDS]
     return runs
 
 
@@ -708,7 +703,7 @@ def grid_cost(scale: str, steps: int = 5) -> list[dict[str, Any]]:
     """The grid's cost from measured step times: one row per model kind, then a total.
 
     Counts every run the grid will hold once complete: each point at every learning rate
-    on seed 0, plus its best rate on seed 1; each capacity point on two seeds.
+    on seed 0, plus its best rate on seed 1.
     """
     rows: dict[tuple, dict[str, Any]] = {}
     for pt, n_runs in grid_plan(scale):

@@ -146,25 +146,27 @@ def test_the_cpu_grid_sweeps_learning_rates_then_adds_the_second_seed(tmp_path, 
     assert extra == [replace(point[1], seed=mqar.SECOND_SEED)]
 
 
-def test_capacity_points_train_at_their_twins_best_rate_once_it_is_known(tmp_path, monkeypatch):
+def test_capacity_points_are_swept_like_the_full_task(tmp_path, monkeypatch):
     monkeypatch.setenv("AOTLIB_RESULTS", str(tmp_path))
     p = mqar.MQAR_PRESETS["cpu"]
-    assert not [r for r in mqar_grid("cpu") if r.n_pairs != p["n_pairs"]]
-    # ... but the listing of points has them, whatever is stored (notebook 10's table)
-    listed = mqar.grid_points("cpu")
-    assert listed == mqar._points("cpu") + [q for q, _ in mqar._capacity_points("cpu")]
-    assert {q.n_pairs for q in listed} == {p["n_pairs"], *p["pairs"]}
-    pt, twin = mqar._capacity_points("cpu")[-1]  # the largest state at the most pairs swept
-    assert (pt.arch, pt.d_model, pt.d_state) == (twin.arch, p["pairs_width"], max(p["states"]))
-    assert pt.n_pairs < twin.n_pairs == p["n_pairs"]
-    for lr, acc in zip(p["lrs"], [0.3, 0.2, 0.7]):
-        cfg = replace(twin, lr=lr, min_lr=lr / 10)
+    lrs, runs = p["lrs"], mqar_grid("cpu")
+    capacity = mqar._capacity_points("cpu")
+    assert len(capacity) == len(p["pairs"]) * (1 + len(p["states"]))
+    assert {(q.d_model, q.seed) for q in capacity} == {(p["pairs_width"], 0)}
+    assert {q.n_pairs for q in capacity} == set(p["pairs"])
+    # every capacity point at every rate on seed 0, from the start
+    assert [r for r in runs if r.n_pairs != p["n_pairs"]] == [
+        replace(q, lr=lr, min_lr=lr / 10) for q in capacity for lr in lrs
+    ]
+    assert mqar.grid_points("cpu")[-len(capacity) :] == capacity
+    # once a capacity point's sweep is stored, its own best rate runs on seed 1
+    q = capacity[-1]  # the largest state at the most pairs swept
+    for lr, acc in zip(lrs, [0.3, 0.2, 0.7]):
+        cfg = replace(q, lr=lr, min_lr=lr / 10)
         save_json(mqar_result_path(cfg, "cpu"), {"key": cfg.key(), "test_accuracy": acc})
-    added = [r for r in mqar_grid("cpu") if r.n_pairs != p["n_pairs"]]
-    lr, seeds = p["lrs"][2], (0, mqar.SECOND_SEED)
-    mine = [q for q, t in mqar._capacity_points("cpu") if t == twin]  # one per K swept
-    assert len(mine) == len(p["pairs"]) and pt in mine
-    assert added == [replace(q, lr=lr, min_lr=lr / 10, seed=s) for q in mine for s in seeds]
+    assert mqar_grid("cpu")[len(runs) :] == [
+        replace(q, lr=lrs[2], min_lr=lrs[2] / 10, seed=mqar.SECOND_SEED)
+    ]
 
 
 def test_the_capacity_sweep_needs_a_width_of_the_grid(monkeypatch):
@@ -221,16 +223,14 @@ def test_summary_takes_each_points_best_rate_and_the_verdicts_read_it(tmp_path, 
         len(mqar._points("smoke")) * len(mqar.MQAR_PRESETS["smoke"]["lrs"]) :
     ]
     second = [cfg for cfg in later if cfg.seed == mqar.SECOND_SEED]
-    assert len(second) == len(mqar._points("smoke")) + len(mqar._capacity_points("smoke"))
+    assert len(second) == len(mqar._points("smoke"))
     for cfg in later:
         store(cfg, acc(cfg) if cfg.arch == "mamba2" else 0.95)
     assert mqar_grid("smoke")[-len(later) :] == later  # nothing more to add
     summary = mqar.summary_table("smoke")
     m = summary[summary.arch == "mamba2"]
     assert (m.best_lr == 1e-2).all() and (summary.seeds == 2).all()
-    # the full task's points are swept over both rates, the capacity sweep's run at one
-    assert set(summary[summary.n_pairs == 4].rates) == {2}
-    assert set(summary[summary.n_pairs == 2].rates) == {1}
+    assert set(summary.rates) == {2}  # every point swept over both rates, K = 2 too
     assert list(m.accuracy.round(2)) == [0.4, 1.0, 0.4, 1.0]  # N = 2, 8 at K = 4, then K = 2
     v = mqar.verdicts(summary, "smoke").set_index("claim").verdict
     assert v["Mamba-2: N=8 above N=2 at d=16"] == "agree"
@@ -243,7 +243,7 @@ def test_the_plan_counts_every_run_the_grid_will_hold():
     main = len(p["gpt_widths"]) + len(p["widths"]) * len(p["states"])
     capacity = len(p["pairs"]) * (1 + len(p["states"]))
     assert [pt for pt, _ in plan] == mqar.grid_points("cpu") and len(plan) == main + capacity
-    assert sum(n for _, n in plan) == main * (len(p["lrs"]) + 1) + 2 * capacity == 68
+    assert sum(n for _, n in plan) == (main + capacity) * (len(p["lrs"]) + 1) == 84
 
 
 def test_the_papers_capacity_points_use_the_grids_state_per_pair():

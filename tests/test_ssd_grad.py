@@ -211,3 +211,16 @@ def test_bench_train_counts_the_ssd_flops(ngroups) -> None:
     assert mixing <= counted - masked_half <= 1.05 * mixing
     gpt, lstm = model_config("gpt", "s", context=128), model_config("lstm", "s", context=128)
     assert mixing_flops(gpt) == 2 * 128 * gpt.d_model and mixing_flops(lstm) == 0
+
+
+def test_bench_model_shape_is_the_cpu_presets_mamba2() -> None:
+    """`python -m aotlib.bench ssd --model-shape` times the SSD at the shapes Mamba-2 trains."""
+    from aotlib.bench import ssd as bench
+    from aotlib.experiments import LM_PRESETS
+    from aotlib.models import model_config
+
+    setup = bench.model_shape_setup(bench.setup_for("cpu"))
+    cfg = model_config("mamba2", "s", context=LM_PRESETS["cpu"]["context"])
+    assert (setup.nheads * setup.headdim, setup.dstate, setup.chunk) == (
+        cfg.expand * cfg.d_model, cfg.d_state, cfg.chunk_size)  # fmt: skip
+    assert setup.train_lengths == (cfg.context,) and setup.batch == 32

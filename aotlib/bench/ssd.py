@@ -51,6 +51,9 @@ path's pairs together and the autograd reference last (its freed gigabytes slow 
 that follow it);
 forward+backward counts 3x the forward's FLOPs (the backward's matmuls are about twice
 the forward's). Peak memory of each at each length, as above (fresh subprocesses).
+`--model-shape` runs the same sweep at the shapes Mamba-2 trains in the cpu-scale
+experiments (batch 32, length 128, 8 heads of 32, N = 64, chunk 32; into
+ssd_<device>_model_shape.csv, not stored).
 
 Results go to results/bench/ssd_<device>.csv (long format: one row per measurement).
 """
@@ -425,6 +428,24 @@ def cpu_time_call(fn: Callable[[], object], min_reps: int = 3, budget_s: float =
     return min(times)
 
 
+def model_shape_setup(setup: Setup, batch: int = 32) -> Setup:
+    """`setup`'s training sweep at the shapes the cpu preset's Mamba-2 trains
+    (`aotlib.experiments.LM_PRESETS["cpu"]`, size "s"): its heads, head size, state and
+    chunk, one length (its context), the benchmark's batch of `python -m aotlib.bench
+    train`. There the SSD's matmuls are small ((Q x Q) @ (Q x P) per chunk and head), so
+    its share is well below the long-sequence sweep's."""
+    from aotlib.experiments import LM_PRESETS
+    from aotlib.models import model_config
+
+    preset = LM_PRESETS["cpu"]
+    cfg = model_config("mamba2", "s", vocab_size=preset["vocab_size"], context=preset["context"])
+    if cfg.ngroups != 1:
+        raise ValueError("the benchmark's inputs have one group of B and C")
+    return replace(setup, batch=batch, nheads=cfg.n_heads_ssm, headdim=cfg.head_dim,
+                   dstate=cfg.d_state, chunk=cfg.chunk_size, train_lengths=(cfg.context,),
+                   train_pairs=max(setup.train_pairs, 5))  # fmt: skip
+
+
 def train_matmul_rate(setup: Setup) -> float:
     """FLOP/s of a 2048^2 float32 matmul in CPU time (`matmul_rate` on CUDA)."""
     if setup.device != "cpu":
@@ -479,7 +500,8 @@ def summarize_train(df: pd.DataFrame) -> list[tuple]:
     sel = df[df.sweep == "train"]
     if sel.empty:
         return []
-    at = f"l<={int(sel.seqlen.max()) // 1024}K"
+    top = int(sel.seqlen.max())
+    at = f"l<={top // 1024}K" if top >= 1024 else f"l={top}"
     by = sel.pivot(index="seqlen", columns="path", values="share")
     t = sel.pivot(index="seqlen", columns="path", values="time_s")
     speedup = float((t["autograd_fwd_bwd"] / t["ssd_fwd_bwd"]).min())
@@ -802,6 +824,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--train-pairs", type=int, default=None,
                         help="matmul/path pairs per length (default 3)")  # fmt: skip
+    parser.add_argument(
+        "--model-shape",
+        action="store_true",
+        help="the training sweep at the shapes the cpu preset's Mamba-2 trains (batch 32, "
+        "its heads, head size, state and chunk, length = its context)",
+    )
     parser.add_argument("--peak-memory-of", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--setup", default=None, help=argparse.SUPPRESS)
@@ -825,13 +853,16 @@ def main(argv: list[str] | None = None) -> int:
         setup = replace(setup, train_lengths=tuple(args.train_lengths))
     if args.train_pairs:
         setup = replace(setup, train_pairs=args.train_pairs)
+    if args.model_shape:
+        setup, args.train_only = model_shape_setup(setup), True
     df = run(setup, train_only=args.train_only)
     summary = summarize(df, setup)
     print()
     print(format_report(df, setup, summary))
     path = csv_path(args.device, args.out)
     if args.train_only:
-        path = path.with_name(f"{path.stem}_train.csv")
+        suffix = "model_shape" if args.model_shape else "train"
+        path = path.with_name(f"{path.stem}_{suffix}.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(path, index=False)
     print(f"\nwrote {path}")
