@@ -526,12 +526,12 @@ def grid_plan(scale: str) -> list[tuple[MQARConfig, int]]:
     (`mqar_grid` grows as runs are stored)."""
     lrs = MQAR_PRESETS[check_scale(scale)]["lrs"]
     runs = len(lrs) + (1 if len(lrs) > 1 else 0)
-    return [(pt, runs) for pt in _points(scale)]
+    return [(pt, runs) for pt in grid_points(scale)]
 
 
 def grid_points(scale: str) -> list[MQARConfig]:
-    """The points of `grid_plan`, the capacity sweep's included."""
-    return [pt for pt, _ in grid_plan(scale)]
+    """Every point of the grid, the capacity sweep's included (`_points`)."""
+    return _points(scale)
 
 
 def best_lr(scale: str, point: MQARConfig) -> float | None:

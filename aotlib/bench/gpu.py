@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from aotlib.bench.ssd import COLUMNS, Setup, make_inputs, path_call, time_call
+from aotlib.bench.ssd import COLUMNS, Setup, make_inputs, path_call, ssd_flops, time_call
 from aotlib.paths import ROOT
 
 PATHS = ("ssd", "chunked", "sdpa")
@@ -186,7 +186,7 @@ def run_timings(setup: Setup, log: Callable[[str], None] = print) -> list[dict]:
                         torch.cuda.synchronize()  # a first call over 10 s as the time)
                         row["time_s"] = time_call(call, "cuda", budget_s=0.25, warmup_s=0.1)
                     if path != "sdpa" and not backward:
-                        row["gflops"] = _ssd_flops(setup, seqlen, dstate) / row["time_s"] / 1e9
+                        row["gflops"] = ssd_flops(setup, seqlen, dstate) / row["time_s"] / 1e9
                 except Exception as err:  # out of memory, a compile error: a row, not a crash
                     row["status"] = f"error: {type(err).__name__}: {str(err)[:120]}"
                     row["time_s"] = math.nan
@@ -213,11 +213,6 @@ def warm_up(setup: Setup, log: Callable[[str], None] = print) -> None:
         ssd_call("ssd", inp, setup.chunk, backward=True)()
         torch.cuda.synchronize()
         log(f"warm-up l={seqlen:<6d} N={dstate:<4d} {time.perf_counter() - t0:6.1f} s")
-
-
-def _ssd_flops(setup: Setup, seqlen: int, dstate: int) -> float:
-    Q, P = setup.chunk, setup.headdim
-    return setup.batch * seqlen * setup.nheads * (2 * Q * (dstate + P) + 4 * dstate * P)
 
 
 def _time(rows: list[dict], sweep: str, path: str, seqlen: int, dstate: int) -> float:

@@ -305,10 +305,23 @@ def flop_share(setup: Setup, pairs: int = 5) -> tuple[float, list[float]]:
     return sorted(ratios)[len(ratios) // 2], rates
 
 
+def chunked_flops_per_token(
+    Q: int, N: int, P: int, heads: int, groups: int | None = None, causal: bool = False
+) -> float:
+    """Forward FLOPs per token of the chunked SSD's matmuls: C B^T (2QN, once per group of
+    heads sharing B and C, or per head when `groups` is None) and its product with x
+    (2QP per head) inside each chunk of Q, then chunk states and state-to-output (4NP per
+    head). `causal` counts only the lower half of the (Q x Q) products, as attention's
+    count does."""
+    inner = 1 if causal else 2  # the Q x Q products: all of them, or their causal half
+    cb = inner * Q * N * (heads if groups is None else groups)
+    return cb + heads * (inner * Q * P + 4 * N * P)
+
+
 def ssd_flops(setup: Setup, seqlen: int, dstate: int) -> float:
     """Forward FLOPs of the chunked algorithm: 2Q(N+P) + 4NP per token and head."""
-    Q, P, N = setup.chunk, setup.headdim, dstate
-    return setup.batch * seqlen * setup.nheads * (2 * Q * (N + P) + 4 * N * P)
+    per_token = chunked_flops_per_token(setup.chunk, dstate, setup.headdim, setup.nheads)
+    return setup.batch * seqlen * per_token
 
 
 def device_name(device: str) -> str:
@@ -430,15 +443,13 @@ def cpu_time_call(fn: Callable[[], object], min_reps: int = 3, budget_s: float =
 
 def model_shape_setup(setup: Setup, batch: int = 32) -> Setup:
     """`setup`'s training sweep at the shapes the cpu preset's Mamba-2 trains
-    (`aotlib.experiments.LM_PRESETS["cpu"]`, size "s"): its heads, head size, state and
+    (`aotlib.experiments.lm_config("cpu", arch="mamba2")`): its heads, head size, state and
     chunk, one length (its context), the benchmark's batch of `python -m aotlib.bench
     train`. There the SSD's matmuls are small ((Q x Q) @ (Q x P) per chunk and head), so
     its share is well below the long-sequence sweep's."""
-    from aotlib.experiments import LM_PRESETS
-    from aotlib.models import model_config
+    from aotlib.experiments import lm_config
 
-    preset = LM_PRESETS["cpu"]
-    cfg = model_config("mamba2", "s", vocab_size=preset["vocab_size"], context=preset["context"])
+    cfg = lm_config("cpu", arch="mamba2").model
     if cfg.ngroups != 1:
         raise ValueError("the benchmark's inputs have one group of B and C")
     return replace(setup, batch=batch, nheads=cfg.n_heads_ssm, headdim=cfg.head_dim,

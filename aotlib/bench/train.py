@@ -19,10 +19,8 @@ own sequence mixing multiplies, counted the same way for all (causal half only):
 GPT 2 T d (scores and mixing over T positions); LSTM, GRU 0 (their recurrences are
 weight matrices, already in 6N); Mamba-2's chunked SSD Q N g + h (Q P + 4 N P) (C B^T
 once per group and its product with x inside each chunk of Q, then each head's chunk
-state and state-to-output: `aotlib.bench.ssd`'s count with the causal half and the
-group's shared C B^T). Before issue 15's review every architecture was charged GPT's
-2 T d, which undercounted Mamba-2's SSD (2.3x less at the cpu preset) and overcounted
-the RNNs.
+state and state-to-output: `aotlib.bench.ssd.chunked_flops_per_token`, the causal half,
+C B^T once per group).
 
 The reference is a float32 2048^3 `torch.matmul`, timed with the same thread count in
 the same run, right before each timed repeat. The machine is shared, so every rate is
@@ -53,13 +51,14 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from aotlib.experiments import LM_PRESETS
+from aotlib.bench.ssd import chunked_flops_per_token
+from aotlib.experiments import lm_config
 from aotlib.models import ModelConfig, build_model, count_parameters, linear_cross_entropy
-from aotlib.models import model_config as _model_config
 
 TARGET = 0.5  # model FLOP rate / matmul rate
 
@@ -104,9 +103,8 @@ def mixing_flops(cfg: ModelConfig) -> float:
     if cfg.arch == "gpt":
         return 2 * cfg.context * cfg.d_model
     if cfg.arch == "mamba2":
-        Q, N, P, g = cfg.chunk_size, cfg.d_state, cfg.head_dim, cfg.ngroups
-        h = cfg.n_heads_ssm
-        return Q * N * g + h * (Q * P + 4 * N * P)
+        return chunked_flops_per_token(cfg.chunk_size, cfg.d_state, cfg.head_dim,
+                                       cfg.n_heads_ssm, cfg.ngroups, causal=True)  # fmt: skip
     return 0.0  # lstm, gru: the recurrence is weights, counted in 6N
 
 
@@ -169,11 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    # The model the cpu-scale experiments train (aotlib.experiments.LM_PRESETS["cpu"]).
-    preset = LM_PRESETS["cpu"]
-    over = {"vocab_size": preset["vocab_size"], "context": preset["context"]}
-    over["dropout"] = preset["dropout"] if args.dropout is None else args.dropout
-    cfg = _model_config(args.arch, args.size, **over)
+    # The model the cpu-scale experiments train (aotlib.experiments.lm_config).
+    cfg = lm_config("cpu", arch=args.arch, size=args.size).model
+    if args.dropout is not None:
+        cfg = replace(cfg, dropout=args.dropout)
     tokens = args.batch * cfg.context
     print(
         f"config: {cfg.arch} {args.size} (n_layer={cfg.n_layer}, d={cfg.d_model}, "
