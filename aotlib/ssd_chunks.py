@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
 import sys
 import threading
@@ -74,9 +75,13 @@ class ChunkDecays(NamedTuple):
         `decay_matrix` gives L itself, exp(dA_{s+1} + ... + dA_t), instead of L diag(dt)."""
         return self._replace(dt=torch.ones_like(self.dt), out_dt=self.out)
 
-    def block(self, i: int | slice, k0: int, k1: int) -> ChunkDecays:
-        """Batch element (or elements) i, chunks k0 .. k1 - 1 (views)."""
-        return ChunkDecays(*(t[i, k0:k1] for t in self))
+    def block(self, i0: int, i1: int, k0: int, k1: int, c: int) -> ChunkDecays:
+        """Of decays flattened to (b c, ...) (`flat_decays`), those of a block: sequences
+        i0 .. i1 - 1 of c chunks, chunks k0 .. k1 - 1 of each (whole sequences, or a stretch
+        of one): rows r0 .. r1 - 1, ten views, where slicing (b, c, ...) and flattening
+        each block took thirty (measurable at Mamba-2's training shapes)."""
+        r0, r1 = i0 * c + k0, (i1 - 1) * c + k1
+        return ChunkDecays(*(t[r0:r1] for t in self))
 
 
 def chunk_decays(dt: Tensor, A: Tensor, R: int) -> ChunkDecays:
@@ -144,12 +149,21 @@ def _sub_chunk_segsum(dA: Tensor, R: int, out: Tensor | None = None) -> Tensor:
     `_masked_sums` with the mask [s < k <= t] over (k, (t, s)).
     """
     *lead, Q = dA.shape
-    k, t = _steps(R, dA)
-    mask = (k.unsqueeze(-1) <= t.unsqueeze(-1)) & (k.unsqueeze(-1) > t)  # (k, t, s)
     out = None if out is None else out.view(*lead, Q // R, R * R)
-    return _masked_sums(dA.view(*lead, Q // R, R), mask.view(R, R * R), out).view(
-        *lead, Q // R, R, R
-    )
+    mask = _segsum_mask(R, dA.dtype, dA.device)
+    return _masked_sums(dA.view(*lead, Q // R, R), mask, out).view(*lead, Q // R, R, R)
+
+
+@functools.lru_cache(maxsize=32)
+def _segsum_mask(R: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[s < k <= t] over (k, (t, s)), (R, R R), in dtype: made once, not per block (the
+    handful of small ops that build it were measurable next to a block's matmuls). A
+    normal tensor even if first asked for under inference mode, so that autograd may save
+    it later."""
+    with torch.inference_mode(False):
+        k, t = _steps(R, torch.empty(0, device=device))
+        mask = (k.unsqueeze(-1) <= t.unsqueeze(-1)) & (k.unsqueeze(-1) > t)  # (k, t, s)
+        return mask.view(R, R * R).to(dtype)
 
 
 def decay_matrix(
@@ -445,6 +459,7 @@ def _chunked_in_blocks(
     hgp = S0.shape[-1]
     m, k = block_plan(b, c, h, Q, p, n)
     K = m * k
+    flat = flat_decays(dec)  # (b c, ...)
     y = new_output(x, b, l, h, p)
     L_buf, y_diag_buf, x_h_buf, u_buf, CB_buf, B_buf, U_t, V, sums, own, ent_buf, carry = _scratch(
         x,
@@ -472,8 +487,7 @@ def _chunked_in_blocks(
         Cb = chunks_of(C, i0, i1, t0, t1, kb, Q).flatten(0, 1)
         B_t = B_buf[:Kb].copy_(Bb.permute(0, 2, 3, 1))  # (Kb, g, n, Q)
         C_c = Cb.transpose(1, 2)  # (Kb, g, Q, n)
-        d = dec.block(slice(i0, i1), k0, k1)  # (mb, kb, ...)
-        df = flat_decays(d)  # (Kb, ...)
+        df = flat.block(i0, i1, k0, k1, c)  # (Kb, ...)
         L = decay_matrix(df, out=L_buf[:Kb], work=tuple(w[:Kb] for w in work))
         chunk_state(xb, df.to_end, B_t, out=own[:Kb], work=u_buf[:Kb])
         CB = _matmul(C_c, B_t, CB_buf[:Kb])  # (Kb, g, Q, Q)
@@ -481,12 +495,14 @@ def _chunked_in_blocks(
         y_diag = diagonal_blocks(x_h, L, CB, D, out=y_diag_buf[:Kb])
         S_ent = ent_buf[:mb, :kb] if states is None else states[i0:i1, k0:k1]
         last = S_final[i0:i1] if k1 == c else carry[:mb]
-        state_passing(own[:Kb].view(mb, kb, g, n, hgp), d.whole, S_in, out=(S_ent, last))
+        whole = dec.whole[i0:i1, k0:k1]  # (mb, kb, h)
+        state_passing(own[:Kb].view(mb, kb, g, n, hgp), whole, S_in, out=(S_ent, last))
         C_c, y_diag = C_c.unflatten(0, (mb, kb)), y_diag.unflatten(0, (mb, kb))
+        from_start = df.from_start.unflatten(0, (mb, kb))  # (mb, kb, Q, h)
         if t1 - t0 == kb * Q:
             out = y[i0:i1, t0:t1].unflatten(1, (kb, Q))  # (mb, kb, Q, h, p)
-            state_to_output(S_ent, d.from_start, C_c, y_diag, out=out)
+            state_to_output(S_ent, from_start, C_c, y_diag, out=out)
         else:
-            yb = state_to_output(S_ent, d.from_start, C_c, y_diag)
+            yb = state_to_output(S_ent, from_start, C_c, y_diag)
             y[i0:i1, t0:t1] = yb.flatten(1, 2)[:, : t1 - t0]
     return y, S_final

@@ -141,7 +141,6 @@ def chunked_backward(
     hgp = (h // g) * p
     m, k = block_plan(b, c, h, Q, p, n)
     K = m * k
-    plain = dec.without_dt()  # decay_matrix(plain) = L, without dt
     dx = new_output(x, b, l, h, p)
     dB, dC = new_output(B, b, l, g, n), new_output(C, b, l, g, n)  # 33 MB each at 64K
     ddt = dec.dt.new_empty(b, c, h, Q)  # dec's layout (padded), reordered at the end
@@ -164,6 +163,7 @@ def chunked_backward(
         )
     )
     bufs.V.zero_()  # 0 off its block diagonal (the buffer is shared with the forward)
+    flat = flat_decays(dec)  # (b c, ...)
     G_out = dS  # gradient of the state leaving the current block
     for i0, i1, k0, k1 in reversed(blocks(b, c, m, k)):
         kb, t0, t1 = k1 - k0, k0 * Q, min(k1 * Q, l)
@@ -176,14 +176,16 @@ def chunked_backward(
         dy_b = chunks_of(dy, *blk).flatten(0, 1)
         B_b = chunks_of(B, *blk).flatten(0, 1)  # (Kb, Q, g, n)
         C_b = chunks_of(C, *blk).flatten(0, 1)
-        d = flat_decays(dec.block(slice(i0, i1), k0, k1))  # (Kb, ...)
-        d_plain = flat_decays(plain.block(slice(i0, i1), k0, k1))
+        Kb = mb * kb
+        d = flat.block(i0, i1, k0, k1, c)  # (Kb, ...)
+        d_plain = d.without_dt()  # decay_matrix(d_plain) = L, without dt
         whole = dec.whole[i0:i1, k0:k1]  # (mb, kb, h)
         S_ent = states[i0:i1, k0:k1]  # (mb, kb, g, n, hg*p)
         out = None if ragged else dx[i0:i1, t0:t1].flatten(0, 1).unflatten(0, (mb * kb, Q))
         G_out, dx_b, dB_b, dC_b, ddt_b, dA_b, dD_b = _block_backward(
-            x_b, dy_b, B_b, C_b, A, D, d, d_plain, whole, S_ent, G_out, bufs.cut(mb * kb), out
-        )
+            x_b, dy_b, B_b, C_b, A, D, d, d_plain, whole, S_ent, G_out,
+            bufs if Kb == K else bufs.cut(Kb), out,
+        )  # fmt: skip
         if ragged:
             dx[i0:i1, t0:t1] = dx_b.unflatten(0, (mb, kb)).flatten(1, 2)[:, :T]
         dB[i0:i1, t0:t1] = dB_b.transpose(1, 2).unflatten(0, (mb, kb)).flatten(1, 2)[:, :T]

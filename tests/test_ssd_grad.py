@@ -116,6 +116,19 @@ def test_chunked_backward_is_the_written_out_one() -> None:
         ssd_chunked(x, inp["dt"], inp["A"], inp["B"], inp["C"], 4, backward="nope")
 
 
+def test_cached_mask_made_under_inference_mode_serves_autograd() -> None:
+    """The segment-sum mask is cached (`ssd_chunks._segsum_mask`); made first under
+    inference mode it must still be a tensor autograd can save."""
+    ssd_chunks._segsum_mask.cache_clear()
+    inp = random_ssd_inputs(1, 12, 2, 2, 1, 2)
+    with torch.inference_mode():
+        ssd_chunked(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], 8)
+    dt = inp["dt"].clone().requires_grad_(True)  # the mask multiplies dt A
+    y = ssd_chunked(inp["x"], dt, inp["A"], inp["B"], inp["C"], 8, backward="autograd")
+    y.sum().backward()
+    assert dt.grad is not None and torch.isfinite(dt.grad).all()
+
+
 def test_chunked_backward_gradcheck() -> None:
     """Against finite differences, not only against another autograd graph."""
     inp = random_ssd_inputs(1, 7, 2, 2, 1, 3, with_initial_state=True)
