@@ -237,3 +237,19 @@ def test_bench_model_shape_is_the_cpu_presets_mamba2() -> None:
     assert (setup.nheads * setup.headdim, setup.dstate, setup.chunk) == (
         cfg.expand * cfg.d_model, cfg.d_state, cfg.chunk_size)  # fmt: skip
     assert setup.train_lengths == (cfg.context,) and setup.batch == 32
+
+
+def test_bench_against_a_revision(capsys) -> None:
+    """`python -m aotlib.bench against REV` loads the SSD's training path as it was at REV
+    next to the working tree's and times both (tiny here: plumbing, not rates)."""
+    import subprocess
+
+    from aotlib.bench import against
+
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=against.ROOT).returncode != 0:
+        pytest.skip("not a git checkout")
+    assert against.main(["HEAD", "--length", "40", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "y and every gradient:" in out and "working tree" in out and "time / HEAD's" in out
+    with pytest.raises(SystemExit, match="git show no-such-rev"):
+        against.main(["no-such-rev", "--length", "40", "--rounds", "1"])

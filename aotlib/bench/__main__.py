@@ -11,6 +11,7 @@ BENCHMARKS = {
     "ssd": "aotlib.bench.ssd",
     "gpu": "aotlib.bench.gpu",
     "train": "aotlib.bench.train",
+    "against": "aotlib.bench.against",
 }
 
 
