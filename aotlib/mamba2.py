@@ -42,7 +42,10 @@ A_INIT_RANGE = (1.0, 16.0)
 class CausalConvSiLU(torch.autograd.Function):
     """SiLU(causal depthwise conv1d(x)) over time, in the (b, l, c) layout the projection
     makes, with its backward written out: the same numbers as nn.Conv1d (padding k-1, the
-    first l outputs) then F.silu.
+    first l outputs) then F.silu. The output comes as one contiguous tensor per group of
+    channels in `sizes` (the block's x, B and C): a split of one output would hand the SSD
+    strided views, and its backward would copy their gradients together (`cat`) again;
+    here each SiLU writes its own output and each SiLU backward its slice of one gradient.
 
     out_t = SiLU(bias + sum_j w_j x_{t-(k-1-j)}), x_{<0} = 0; one multiply-add per tap
     over the time-shifted input, in the order nn.Conv1d sums them. On CPU, nn.Conv1d wants
@@ -54,7 +57,7 @@ class CausalConvSiLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias):  # x (b, l, c), weight (c, k), bias (c,)
+    def forward(ctx, x, weight, bias, sizes):  # x (b, l, c), weight (c, k), bias (c,)
         l, k = x.shape[1], weight.shape[1]
         # Contiguous operands: x is a slice of the projection's output and weight[:, j]
         # is strided; the taps' multiply-adds on them ran at half speed (measured).
@@ -66,14 +69,17 @@ class CausalConvSiLU(torch.autograd.Function):
             if s < l:
                 a[:, s:].addcmul_(x[:, : l - s], w[j])
         ctx.save_for_backward(x, w, a)
-        return F.silu(a)
+        ctx.sizes = sizes
+        return tuple(F.silu(part) for part in a.split(sizes, dim=-1))  # each contiguous
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, *douts):
         x, w, a = ctx.saved_tensors
         b, l, c = x.shape
         k = w.shape[0]
-        da = torch.ops.aten.silu_backward(dout.contiguous(), a)  # (b, l, c)
+        da = torch.empty_like(a)  # (b, l, c)
+        for dout, a_part, da_part in zip(douts, a.split(ctx.sizes, -1), da.split(ctx.sizes, -1)):
+            torch.ops.aten.silu_backward.grad_input(dout, a_part, grad_input=da_part)
         dx = torch.mul(da, w[k - 1])  # tap k-1 reads x_t itself: it covers every t
         dw = torch.zeros_like(w)  # (k, c)
         flat = da.new_empty(da.numel())  # one buffer for the products of every tap
@@ -87,12 +93,17 @@ class CausalConvSiLU(torch.autograd.Function):
                 prod = flat[: b * (l - s) * c].view(b, l - s, c)
                 torch.mul(da[:, s:], x[:, : l - s], out=prod)
                 dw[j] = prod.view(-1, c).sum(0)
-        return dx, dw.t(), da.view(-1, c).sum(0)
+        return dx, dw.t(), da.view(-1, c).sum(0), None
 
 
-def causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """SiLU(conv(x)) causal in time for x (b, l, c) and a depthwise `conv` with padding k-1."""
-    return CausalConvSiLU.apply(x, conv.weight.squeeze(1), conv.bias)  # (b, l, c)
+def causal_conv_silu(
+    x: torch.Tensor, conv: nn.Conv1d, sizes: list[int] | None = None
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """SiLU(conv(x)) causal in time for x (b, l, c) and a depthwise `conv` with padding
+    k-1: (b, l, c), or with `sizes` (summing to c) one contiguous (b, l, size) per group of
+    channels, as `.split(sizes, -1)` of it would give (but not as views)."""
+    parts = CausalConvSiLU.apply(x, conv.weight.squeeze(1), conv.bias, sizes or [x.shape[-1]])
+    return parts if sizes is not None else parts[0]
 
 
 class GatedRMSNorm(torch.autograd.Function):
@@ -196,11 +207,12 @@ class Mamba2Block(nn.Module):
         z, xBC, dt = zxbcdt.split([self.d_inner, self.d_inner + 2 * self.d_bc, h], dim=-1)
         # Depthwise conv over time, causal: position t sees only t-3..t (nn.Conv1d's
         # weights, padding D_CONV-1 and the first l outputs), then SiLU.
+        sizes = [self.d_inner, self.d_bc, self.d_bc]
         if self.conv_form == "taps":
-            xBC = causal_conv_silu(xBC, self.conv1d)  # (b, l, di + 2gn)
+            x, B, C = causal_conv_silu(xBC, self.conv1d, sizes)  # (b, l, di), 2x (b, l, gn)
         else:
             xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :l].transpose(1, 2))
-        x, B, C = xBC.split([self.d_inner, self.d_bc, self.d_bc], dim=-1)
+            x, B, C = xBC.split(sizes, dim=-1)
         x = x.unflatten(-1, (h, cfg.head_dim))  # (b, l, h, p)
         B = B.unflatten(-1, (cfg.ngroups, cfg.d_state))  # (b, l, g, n)
         C = C.unflatten(-1, (cfg.ngroups, cfg.d_state))  # (b, l, g, n)

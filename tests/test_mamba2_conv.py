@@ -48,3 +48,29 @@ def test_causal_conv_silu_is_causal() -> None:
     x2[:, 6:] += 1.0  # change the future of t = 5
     assert torch.equal(causal_conv_silu(x2, conv)[:, :6], y[:, :6])
     assert not torch.equal(causal_conv_silu(x2, conv)[:, 6:], y[:, 6:])
+
+
+@pytest.mark.parametrize("use_all", [True, False], ids=["all_parts", "one_part_unused"])
+def test_causal_conv_silu_in_parts(use_all: bool) -> None:
+    """With `sizes` it returns one contiguous tensor per group of channels (the block's
+    x, B, C): the parts of the single output, and the same gradients, also when a part is
+    not used."""
+    torch.manual_seed(2)
+    b, l, sizes = 2, 9, [5, 2, 2]
+    conv = nn.Conv1d(9, 9, D_CONV, groups=9, padding=D_CONV - 1).double()
+    x = torch.randn(b, l, 9, dtype=torch.float64)
+    douts = [torch.randn(b, l, s, dtype=torch.float64) for s in sizes]
+
+    def run(fn):
+        src = x.clone().requires_grad_(True)
+        conv.zero_grad()
+        parts = fn(src)
+        used = range(len(sizes)) if use_all else [0, 2]
+        sum((parts[i] * douts[i]).sum() for i in used).backward()
+        return [*parts, src.grad, conv.weight.grad.clone(), conv.bias.grad.clone()]
+
+    got = run(lambda src: causal_conv_silu(src, conv, sizes))
+    want = run(lambda src: reference(src, conv).split(sizes, dim=-1))
+    assert all(p.is_contiguous() for p in got[: len(sizes)])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
