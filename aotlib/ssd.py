@@ -201,6 +201,15 @@ def ssd_quadratic(
 # ---------------------------------------------------------------------------
 
 
+# The longest sequence (in chunks) that torch.compile traces through `ssd_chunked`; longer
+# ones run the eager blocked paths (a graph break), as the traced state passing unrolls.
+COMPILE_MAX_CHUNKS = 64
+
+# torch.compile runs the blocked inference path as it is (a graph break), as it does
+# `chunked_ssd_function`.
+_chunked_in_blocks_eager = torch.compiler.disable(_chunked_in_blocks)
+
+
 def ssd_chunked(
     x: Tensor,
     dt: Tensor,
@@ -221,7 +230,10 @@ def ssd_chunked(
     default) runs that forward keeping the chunk states and a backward written out in the
     same blocks (`aotlib.ssd_grad`); backward="autograd" runs the four steps once over all
     chunks as ordinary differentiable ops (the plain reference: one function, two ways).
-    Any length and any chunk size work every way.
+    Any length and any chunk size work every way. Under torch.compile, sequences of up to
+    `COMPILE_MAX_CHUNKS` chunks take the plain form, which the compiler fuses (inductor
+    writes its backward; `python -m aotlib.bench train --arch mamba2 --variants compiled
+    eager` measures the difference).
     """
     if backward not in ("chunked", "autograd"):
         raise ValueError(f"backward must be 'chunked' or 'autograd', got {backward!r}")
@@ -239,14 +251,19 @@ def ssd_chunked(
     else:
         # (b, h, p, n) -> (b, g, n, hg*p), the layout the chunk states use
         S0 = initial_state.reshape(b, g, hg, p, n).permute(0, 1, 4, 2, 3).reshape(b, g, n, -1)
-    if recording and backward == "chunked":
+    # Under torch.compile (up to COMPILE_MAX_CHUNKS chunks, as a model's context) the four
+    # steps are traced as plain ops, so that inductor fuses their elementwise passes and
+    # writes the backward: the blocked paths' views of reused buffers do not trace, and
+    # the state passing unrolls one step per chunk.
+    traced = torch.compiler.is_compiling() and c <= COMPILE_MAX_CHUNKS
+    if recording and backward == "chunked" and not traced:
         y, S = chunked_ssd_function(x, dt, A, B, C, D, S0, Q)
     else:
         # Padding with dt = 0 means a_t = 1 and no input: the state passes through the
         # padded tail unchanged, so the final state stays exact.
         dt = F.pad(dt, (0, 0, 0, c * Q - l)).view(b, c, Q, h)
         dec = chunk_decays(dt, A, _sub_chunk_length(Q))  # small: (b, c, h, ...)
-        run = _chunked_all_at_once if recording else _chunked_in_blocks
+        run = _chunked_all_at_once if recording or traced else _chunked_in_blocks_eager
         y, S = run(x, dec, B, C, D, S0)
     y = y.to(x_dtype)  # in x's dtype whatever the others' (the state stays in the common one)
     if not return_final_state:

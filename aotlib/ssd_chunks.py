@@ -150,7 +150,9 @@ def _sub_chunk_segsum(dA: Tensor, R: int, out: Tensor | None = None) -> Tensor:
     """
     *lead, Q = dA.shape
     out = None if out is None else out.view(*lead, Q // R, R * R)
-    mask = _segsum_mask(R, dA.dtype, dA.device)
+    # (traced by torch.compile, it is built in the graph: the compiler folds constants)
+    make = _segsum_mask.__wrapped__ if torch.compiler.is_compiling() else _segsum_mask
+    mask = make(R, dA.dtype, dA.device)
     return _masked_sums(dA.view(*lead, Q // R, R), mask, out).view(*lead, Q // R, R, R)
 
 

@@ -253,3 +253,34 @@ def test_bench_against_a_revision(capsys) -> None:
     assert "y and every gradient:" in out and "working tree" in out and "time / HEAD's" in out
     with pytest.raises(SystemExit, match="git show no-such-rev"):
         against.main(["no-such-rev", "--length", "40", "--rounds", "1"])
+
+
+@pytest.mark.parametrize("traced", [True, False], ids=["traced", "graph_break"])
+def test_mamba2_under_torch_compile(monkeypatch, traced: bool) -> None:
+    """torch.compile of a Mamba-2 LM traces the SSD as plain ops (inductor writes the
+    backward) up to `COMPILE_MAX_CHUNKS` chunks, and runs the eager blocked paths beyond
+    (a graph break): loss and every gradient equal eager's to float32 rounding, and the
+    compiled model also runs without gradients."""
+    import aotlib.ssd
+    from aotlib.models import build_model, linear_cross_entropy, model_config
+
+    if not traced:
+        monkeypatch.setattr(aotlib.ssd, "COMPILE_MAX_CHUNKS", 1)
+    torch.manual_seed(0)
+    cfg = model_config("mamba2", "xs", vocab_size=64, context=48, n_layer=1, d_model=32,
+                       d_state=8, head_dim=8, chunk_size=16, dropout=0.0)  # fmt: skip
+    model = build_model(cfg)
+    idx, targets = torch.randint(64, (2, 48)), torch.randint(64, (2 * 48,))
+
+    def loss_and_grads(hidden):
+        model.zero_grad(set_to_none=True)
+        loss = linear_cross_entropy(hidden(idx).flatten(0, 1), model.lm_head.weight, targets)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    compiled = torch.compile(model.hidden_states, dynamic=False)
+    want, got = loss_and_grads(model.hidden_states), loss_and_grads(compiled)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(idx), model.hidden_states(idx), rtol=1e-4, atol=1e-6)

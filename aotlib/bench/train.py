@@ -30,7 +30,9 @@ are printed as median (min, max) over the repeats.
 
 Variants, timed interleaved:
 - compiled: torch.compile (inductor, C++) of the model body, which fuses LayerNorm,
-  GELU, softmax, residual adds and dropout into a few loops; then the LM head and the
+  GELU, softmax, residual adds and dropout into a few loops (for Mamba-2 the SSD too:
+  under compile `aotlib.ssd.ssd_chunked` is traced as its plain chunked steps, and
+  inductor fuses them and writes their backward); then the LM head and the
   loss in cache-sized blocks (`aotlib.models.LinearCrossEntropy`), so that the 64 MB of
   logits of a batch never travel to memory;
 - eager: the same without torch.compile (no compile time; `aotlib.models.fused_lm_loss`);
