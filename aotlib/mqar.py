@@ -491,7 +491,7 @@ def mqar_config(scale: str, arch: str, d_model: int, d_state: int = 0, **over: A
     return replace(cfg, min_lr=cfg.lr / 10)
 
 
-def _points(scale: str) -> list[MQARConfig]:
+def grid_points(scale: str) -> list[MQARConfig]:
     """Every point of the grid at seed 0 with no learning rate yet (each is swept over the
     preset's rates): (model, width) at the preset's K, Mamba-2 first (the figure's
     subject, and cheaper per run), then attention; then the capacity sweep
@@ -529,11 +529,6 @@ def grid_plan(scale: str) -> list[tuple[MQARConfig, int]]:
     return [(pt, runs) for pt in grid_points(scale)]
 
 
-def grid_points(scale: str) -> list[MQARConfig]:
-    """Every point of the grid, the capacity sweep's included (`_points`)."""
-    return _points(scale)
-
-
 def best_lr(scale: str, point: MQARConfig) -> float | None:
     """The learning rate with the best stored seed-0 test accuracy at `point`, or None
     until all of the preset's learning rates are stored for it."""
@@ -547,14 +542,14 @@ def best_lr(scale: str, point: MQARConfig) -> float | None:
 
 
 def mqar_grid(scale: str) -> list[MQARConfig]:
-    """Notebook 10: every point (`_points`) at each learning rate on seed 0, then (appended
+    """Notebook 10: every point (`grid_points`) at each learning rate on seed 0, then (appended
     once a point's seed-0 runs are all stored) its best learning rate on seed 1.
 
     The second part grows as the first is trained: `python -m aotlib grid mqar` lists the
     grid again after each pass, so one command trains both.
     """
     lrs = MQAR_PRESETS[check_scale(scale)]["lrs"]
-    points = _points(scale)
+    points = grid_points(scale)
     runs = [replace(pt, lr=lr, min_lr=lr / 10) for pt in points for lr in lrs]
     for pt in points:
         lr = best_lr(scale, pt)

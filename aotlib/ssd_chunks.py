@@ -80,6 +80,8 @@ class ChunkDecays(NamedTuple):
         i0 .. i1 - 1 of c chunks, chunks k0 .. k1 - 1 of each (whole sequences, or a stretch
         of one): rows r0 .. r1 - 1, ten views, where slicing (b, c, ...) and flattening
         each block took thirty (measurable at Mamba-2's training shapes)."""
+        if self.dt.dim() != 3:  # (b c, h, Q); (b, c, h, Q) would slice the wrong rows
+            raise ValueError("ChunkDecays.block takes decays flattened by `flat_decays`")
         r0, r1 = i0 * c + k0, (i1 - 1) * c + k1
         return ChunkDecays(*(t[r0:r1] for t in self))
 

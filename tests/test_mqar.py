@@ -136,7 +136,7 @@ def test_the_cpu_grid_sweeps_learning_rates_then_adds_the_second_seed(tmp_path, 
     monkeypatch.setenv("AOTLIB_RESULTS", str(tmp_path))
     runs = mqar_grid("cpu")
     lrs = mqar.MQAR_PRESETS["cpu"]["lrs"]
-    assert {r.seed for r in runs} == {0} and len(runs) == len(mqar._points("cpu")) * len(lrs)
+    assert {r.seed for r in runs} == {0} and len(runs) == len(mqar.grid_points("cpu")) * len(lrs)
     assert len({r.key() for r in runs}) == len(runs)
     # Once a point's sweep is stored, its best learning rate is run with the second seed.
     point = runs[: len(lrs)]
@@ -220,10 +220,10 @@ def test_summary_takes_each_points_best_rate_and_the_verdicts_read_it(tmp_path, 
     for cfg in mqar_grid("smoke"):
         store(cfg, acc(cfg) if cfg.arch == "mamba2" else 0.95)
     later = mqar_grid("smoke")[
-        len(mqar._points("smoke")) * len(mqar.MQAR_PRESETS["smoke"]["lrs"]) :
+        len(mqar.grid_points("smoke")) * len(mqar.MQAR_PRESETS["smoke"]["lrs"]) :
     ]
     second = [cfg for cfg in later if cfg.seed == mqar.SECOND_SEED]
-    assert len(second) == len(mqar._points("smoke"))
+    assert len(second) == len(mqar.grid_points("smoke"))
     for cfg in later:
         store(cfg, acc(cfg) if cfg.arch == "mamba2" else 0.95)
     assert mqar_grid("smoke")[-len(later) :] == later  # nothing more to add
