@@ -247,7 +247,7 @@ def ssd_chunked(
     )
     c = -(-l // Q)
     if initial_state is None:
-        S0 = x.new_zeros(b, g, n, hg * p)
+        S0 = None  # zero: the blocked paths skip the products with it
     else:
         # (b, h, p, n) -> (b, g, n, hg*p), the layout the chunk states use
         S0 = initial_state.reshape(b, g, hg, p, n).permute(0, 1, 4, 2, 3).reshape(b, g, n, -1)
@@ -257,14 +257,17 @@ def ssd_chunked(
     # the state passing unrolls one step per chunk.
     traced = torch.compiler.is_compiling() and c <= COMPILE_MAX_CHUNKS
     if recording and backward == "chunked" and not traced:
-        y, S = chunked_ssd_function(x, dt, A, B, C, D, S0, Q)
+        y, S = chunked_ssd_function(x, dt, A, B, C, D, S0, Q, return_final_state)
     else:
         # Padding with dt = 0 means a_t = 1 and no input: the state passes through the
         # padded tail unchanged, so the final state stays exact.
         dt = F.pad(dt, (0, 0, 0, c * Q - l)).view(b, c, Q, h)
         dec = chunk_decays(dt, A, _sub_chunk_length(Q))  # small: (b, c, h, ...)
-        run = _chunked_all_at_once if recording or traced else _chunked_in_blocks_eager
-        y, S = run(x, dec, B, C, D, S0)
+        if recording or traced:
+            S0 = x.new_zeros(b, g, n, hg * p) if S0 is None else S0
+            y, S = _chunked_all_at_once(x, dec, B, C, D, S0)
+        else:
+            y, S = _chunked_in_blocks_eager(x, dec, B, C, D, S0, final_state=return_final_state)
     y = y.to(x_dtype)  # in x's dtype whatever the others' (the state stays in the common one)
     if not return_final_state:
         return y

@@ -76,14 +76,20 @@ class ChunkDecays(NamedTuple):
         return self._replace(dt=torch.ones_like(self.dt), out_dt=self.out)
 
     def block(self, i0: int, i1: int, k0: int, k1: int, c: int) -> ChunkDecays:
-        """Of decays flattened to (b c, ...) (`flat_decays`), those of a block: sequences
-        i0 .. i1 - 1 of c chunks, chunks k0 .. k1 - 1 of each (whole sequences, or a stretch
-        of one): rows r0 .. r1 - 1, ten views, where slicing (b, c, ...) and flattening
-        each block took thirty (measurable at Mamba-2's training shapes)."""
+        """Of decays flattened to (b c, ...) (`flat_decays`), those of a block (`blocks`):
+        sequences i0 .. i1 - 1 of c chunks, chunks k0 .. k1 - 1 of each, as ten views
+        (slicing (b, c, ...) and flattening each block took thirty, measurable at
+        Mamba-2's training shapes). Whole sequences or a stretch of one are a run of rows;
+        one chunk of several sequences (a column block) every c-th row."""
         if self.dt.dim() != 3:  # (b c, h, Q); (b, c, h, Q) would slice the wrong rows
             raise ValueError("ChunkDecays.block takes decays flattened by `flat_decays`")
-        r0, r1 = i0 * c + k0, (i1 - 1) * c + k1
-        return ChunkDecays(*(t[r0:r1] for t in self))
+        if k1 - k0 == c or i1 - i0 == 1:
+            rows = slice(i0 * c + k0, (i1 - 1) * c + k1)
+        elif k1 - k0 == 1:
+            rows = slice(i0 * c + k0, (i1 - 1) * c + k1, c)
+        else:
+            raise ValueError("a block is whole sequences, a stretch of one, or one chunk")
+        return ChunkDecays(*(t[rows] for t in self))
 
 
 def chunk_decays(dt: Tensor, A: Tensor, R: int) -> ChunkDecays:
@@ -266,7 +272,7 @@ def chunk_state(
 def state_passing(
     states: Tensor,
     chunk_decay: Tensor,
-    initial_state: Tensor,
+    initial_state: Tensor | None,
     out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Step 3: carry the state across chunks, S_{k+1} = chunk_decay_k S_k + states_k.
@@ -277,7 +283,7 @@ def state_passing(
     multiply-add per chunk. Returns the states entering each chunk (..., c, g, n, hg*p)
     and the state after the last one (..., g, n, hg*p). With `out` = (entering, last),
     contiguous buffers of those shapes, they are written there (`initial_state` may be
-    `last` itself: it is read first).
+    `last` itself: it is read first; None is a zero state).
     """
     *lead, c, g, n, hgp = states.shape
     hg = chunk_decay.shape[-1] // g
@@ -292,7 +298,10 @@ def state_passing(
         return torch.stack(entering, dim=-5).view(states.shape), S.view(initial_state.shape)
     entering, last = out
     slots = entering.view(*lead, c, g, n, hg, hgp // hg).unbind(-5)
-    slots[0].copy_(initial_state.view(slots[0].shape))
+    if initial_state is None:  # a zero initial state (out only)
+        slots[0].zero_()
+    else:
+        slots[0].copy_(initial_state.view(slots[0].shape))
     slots += (last.view(*lead, g, n, hg, hgp // hg),)
     for k, (s, a) in enumerate(zip(chunks, decays)):
         torch.addcmul(s, a, slots[k], out=slots[k + 1])
@@ -414,13 +423,23 @@ def new_output(like: Tensor, *shape: int) -> Tensor:
 
 
 def block_plan(b: int, c: int, h: int, Q: int, p: int, n: int) -> tuple[int, int]:
-    """(m, k): a block is m whole sequences (then k = c) or k chunks of one sequence (m = 1),
-    sized so that its largest intermediate, (m k, h, Q, max(Q, p, n)), is near
-    `_BLOCK_ELEMENTS`. Short sequences are grouped: a block per sequence would be tiny."""
+    """(m, k): a block is m sequences and k chunks of each, sized so that its largest
+    intermediate, (m k, h, Q, max(Q, p, n)), is near `_BLOCK_ELEMENTS` (`fit` chunks):
+
+    - long sequences (c >= fit): k chunks of one sequence, (1, fit);
+    - many short ones (b c > fit, b >= fit / 2): one chunk of each of m sequences, (m, 1),
+      a column block. Its chunks all have the same position, so the first column's
+      entering states are all the initial state and the last column's own states feed
+      only the final state: with no initial state, or the final state unused, their
+      matmuls are skipped as a whole (`_chunked_in_blocks`, `aotlib.ssd_grad`);
+    - otherwise m whole sequences, (m, c): grouped, since a block per sequence is tiny.
+    """
     fit = max(1, _BLOCK_ELEMENTS // (h * Q * max(Q, p, n)))  # chunks per block
-    if c <= fit:
-        return max(1, min(b, fit // c)), c
-    return 1, fit
+    if c >= fit:
+        return 1, fit
+    if b * c > fit and 2 * b >= fit:
+        return min(b, fit), 1
+    return max(1, min(b, fit // c)), c
 
 
 def blocks(b: int, c: int, m: int, k: int) -> list[tuple[int, int, int, int]]:
@@ -450,17 +469,22 @@ def _chunked_in_blocks(
     B: Tensor,
     C: Tensor,
     D: Tensor | None,
-    S0: Tensor,
+    S0: Tensor | None,
     states: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    final_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """The same steps without autograd, a block at a time (`block_plan`): every
-    intermediate in a reused buffer, every output written in place. With `states`
-    (b, c, g, n, hg*p), the state entering every chunk is kept there (the training path's
-    backward reads them); otherwise only a block's."""
+    intermediate in a reused buffer, every output written in place. S0 None is a zero
+    initial state; with `final_state` False the final state is not made (None is
+    returned): then a column block (one chunk of each of its sequences) skips the
+    matmuls whose results are known: the first column's state-to-output (its states are
+    0) and the last column's chunk states (they would feed only the final state). With
+    `states` (b, c, g, n, hg*p), the state entering every chunk is kept there (the
+    training path's backward reads them); otherwise only a block's."""
     b, l, h, p = x.shape
     c, Q, (nI, R) = dec.dt.shape[1], dec.dt.shape[-1], dec.into.shape[-2:]
     g, n = B.shape[2:]
-    hgp = S0.shape[-1]
+    hgp = (h // g) * p
     m, k = block_plan(b, c, h, Q, p, n)
     K = m * k
     flat = flat_decays(dec)  # (b c, ...)
@@ -481,11 +505,13 @@ def _chunked_in_blocks(
         (m, g, n, hgp),  # the state leaving a block for the next one
     )
     work = (U_t, V.zero_(), sums)  # V is 0 off its block diagonal
-    S_final = torch.empty_like(S0)
+    S_final = x.new_empty(b, g, n, hgp)
     for i0, i1, k0, k1 in blocks(b, c, m, k):
         mb, kb = i1 - i0, k1 - k0
         Kb, t0, t1 = mb * kb, k0 * Q, min(k1 * Q, l)
-        S_in = S0[i0:i1] if k0 == 0 else carry[:mb]  # (mb, g, n, hg*p)
+        S_in = None if k0 == 0 and S0 is None else S0[i0:i1] if k0 == 0 else carry[:mb]
+        zero_in = kb == 1 and S_in is None  # every entering state is 0
+        no_out = kb == 1 and k1 == c and not final_state  # own states feed nothing
         xb = chunks_of(x, i0, i1, t0, t1, kb, Q).flatten(0, 1)  # (Kb, Q, h, p)
         Bb = chunks_of(B, i0, i1, t0, t1, kb, Q).flatten(0, 1)  # (Kb, Q, g, n)
         Cb = chunks_of(C, i0, i1, t0, t1, kb, Q).flatten(0, 1)
@@ -493,20 +519,33 @@ def _chunked_in_blocks(
         C_c = Cb.transpose(1, 2)  # (Kb, g, Q, n)
         df = flat.block(i0, i1, k0, k1, c)  # (Kb, ...)
         L = decay_matrix(df, out=L_buf[:Kb], work=tuple(w[:Kb] for w in work))
-        chunk_state(xb, df.to_end, B_t, out=own[:Kb], work=u_buf[:Kb])
+        if not no_out:
+            chunk_state(xb, df.to_end, B_t, out=own[:Kb], work=u_buf[:Kb])
         CB = _matmul(C_c, B_t, CB_buf[:Kb])  # (Kb, g, Q, Q)
         x_h = x_h_buf[:Kb].copy_(xb.transpose(1, 2))  # (Kb, h, Q, p)
         y_diag = diagonal_blocks(x_h, L, CB, D, out=y_diag_buf[:Kb])
         S_ent = ent_buf[:mb, :kb] if states is None else states[i0:i1, k0:k1]
         last = S_final[i0:i1] if k1 == c else carry[:mb]
-        whole = dec.whole[i0:i1, k0:k1]  # (mb, kb, h)
-        state_passing(own[:Kb].view(mb, kb, g, n, hgp), whole, S_in, out=(S_ent, last))
+        if not no_out:
+            state_passing(own[:Kb].view(mb, kb, g, n, hgp), dec.whole[i0:i1, k0:k1], S_in,
+                          out=(S_ent, last))  # fmt: skip
+        elif S_in is None:  # (kb = 1) nothing to pass on; S_ent as the backward reads it
+            S_ent.zero_()
+        else:
+            S_ent.copy_(S_in.unsqueeze(1))
         C_c, y_diag = C_c.unflatten(0, (mb, kb)), y_diag.unflatten(0, (mb, kb))
         from_start = df.from_start.unflatten(0, (mb, kb))  # (mb, kb, Q, h)
         if t1 - t0 == kb * Q:
             out = y[i0:i1, t0:t1].unflatten(1, (kb, Q))  # (mb, kb, Q, h, p)
-            state_to_output(S_ent, from_start, C_c, y_diag, out=out)
+            if zero_in:
+                out.copy_(y_diag.transpose(-3, -2))
+            else:
+                state_to_output(S_ent, from_start, C_c, y_diag, out=out)
         else:
-            yb = state_to_output(S_ent, from_start, C_c, y_diag)
+            yb = (
+                y_diag.transpose(-3, -2)
+                if zero_in
+                else state_to_output(S_ent, from_start, C_c, y_diag)
+            )
             y[i0:i1, t0:t1] = yb.flatten(1, 2)[:, : t1 - t0]
-    return y, S_final
+    return y, S_final if final_state else None

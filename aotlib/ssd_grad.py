@@ -77,29 +77,33 @@ class ChunkedSSD(torch.autograd.Function):
     """y, final state = SSD(x, dt, A, B, C, D, S0) with the chunked backward above.
 
     x (b, l, h, p), dt (b, l, h), A (h,), B and C (b, l, g, n), D (h,) or None, S0 the
-    initial state in the chunk-state layout (b, g, n, hg*p), all of one dtype. Returns y
-    (b, l, h, p) and the final state (b, g, n, hg*p).
+    initial state in the chunk-state layout (b, g, n, hg*p) or None (zero, no gradient),
+    all of one dtype. Returns y (b, l, h, p) and the final state (b, g, n, hg*p), or None
+    without `final_state` (then the matmuls that would only feed it are skipped).
     """
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, S0, chunk_size: int):
+    def forward(ctx, x, dt, A, B, C, D, S0, chunk_size: int, final_state: bool):
         b, l, h, p = x.shape
         Q = chunk_size
         c = -(-l // Q)
         g, n = B.shape[2:]
         dt_c = torch.nn.functional.pad(dt, (0, 0, 0, c * Q - l)).view(b, c, Q, h)
         dec = chunk_decays(dt_c, A, _sub_chunk_length(Q))  # small: (b, c, h, ...)
-        states = new_output(x, b, c, g, n, S0.shape[-1])  # the state entering each chunk
-        y, S = _chunked_in_blocks(x, dec, B, C, D, S0, states=states)
+        states = new_output(x, b, c, g, n, (h // g) * p)  # the state entering each chunk
+        y, S = _chunked_in_blocks(x, dec, B, C, D, S0, states=states, final_state=final_state)
         ctx.save_for_backward(x, A, B, C, D, states)
         ctx.dec = dec  # an intermediate: small next to x
+        ctx.zero_start = S0 is None
         return y, S
 
     @staticmethod
-    def backward(ctx, dy: Tensor, dS: Tensor):
+    def backward(ctx, dy: Tensor, dS: Tensor | None):
         x, A, B, C, D, states = ctx.saved_tensors
-        dx, ddt, dA, dB, dC, dD, dS0 = chunked_backward(x, A, B, C, D, ctx.dec, states, dy, dS)
-        return dx, ddt, dA, dB, dC, dD, dS0, None
+        dx, ddt, dA, dB, dC, dD, dS0 = chunked_backward(
+            x, A, B, C, D, ctx.dec, states, dy, dS, ctx.zero_start
+        )
+        return dx, ddt, dA, dB, dC, dD, dS0, None, None
 
 
 # torch.compile runs it as it is (a graph break): its blocks write into reused buffers
@@ -112,11 +116,13 @@ def chunked_ssd_function(
     B: Tensor,
     C: Tensor,
     D: Tensor | None,
-    S0: Tensor,
+    S0: Tensor | None,
     chunk_size: int,
-) -> tuple[Tensor, Tensor]:
-    """`ChunkedSSD.apply`: y (b, l, h, p) and the final state (b, g, n, hg*p)."""
-    return ChunkedSSD.apply(x, dt, A, B, C, D, S0, chunk_size)
+    final_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """`ChunkedSSD.apply`: y (b, l, h, p) and the final state (b, g, n, hg*p), or None
+    without `final_state`. S0 None is a zero initial state."""
+    return ChunkedSSD.apply(x, dt, A, B, C, D, S0, chunk_size, final_state)
 
 
 def chunked_backward(
@@ -128,13 +134,16 @@ def chunked_backward(
     dec: ChunkDecays,
     states: Tensor,
     dy: Tensor,
-    dS: Tensor,
+    dS: Tensor | None,
+    zero_start: bool = False,
 ) -> tuple[Tensor, ...]:
     """Gradients (dx, ddt, dA, dB, dC, dD, dS0) of the chunked SSD (see the module
     docstring), block by block in reverse: the forward's blocks (`block_plan`), last
     first, carrying the gradient of the state backwards from block to block. `states`
-    (b, c, g, n, hg*p) holds the state entering each chunk, from the forward. The
-    temporaries live in reused buffers (`_scratch`), as in the forward."""
+    (b, c, g, n, hg*p) holds the state entering each chunk, from the forward. dS None: the
+    final state gets no gradient; `zero_start`: the initial state was zero and gets none
+    (dS0 is None). A column block then skips what is known to be 0 (`_block_backward`).
+    The temporaries live in reused buffers (`_scratch`), as in the forward."""
     b, l, h, p = x.shape
     c, Q, (nI, R) = dec.dt.shape[1], dec.dt.shape[-1], dec.into.shape[-2:]
     g, n = B.shape[2:]
@@ -146,7 +155,7 @@ def chunked_backward(
     ddt = dec.dt.new_empty(b, c, h, Q)  # dec's layout (padded), reordered at the end
     dA = A.new_zeros(A.shape)
     dD = None if D is None else D.new_zeros(D.shape)
-    dS0 = torch.empty_like(dS)
+    dS0 = None if zero_start else x.new_empty(b, g, n, hgp)
     bufs = Buffers(
         *_scratch(
             x,
@@ -164,12 +173,15 @@ def chunked_backward(
     )
     bufs.V.zero_()  # 0 off its block diagonal (the buffer is shared with the forward)
     flat = flat_decays(dec)  # (b c, ...)
-    G_out = dS  # gradient of the state leaving the current block
+    G_out = dS  # gradient of the state leaving the current block (None: 0)
     for i0, i1, k0, k1 in reversed(blocks(b, c, m, k)):
         kb, t0, t1 = k1 - k0, k0 * Q, min(k1 * Q, l)
         mb, T = i1 - i0, t1 - t0
         if k1 == c:
-            G_out = dS[i0:i1]
+            G_out = None if dS is None else dS[i0:i1]
+        if G_out is None and kb > 1:  # known 0 for the last chunk only: not skippable
+            G_out = x.new_zeros(mb, g, n, hgp)
+        first = k0 == 0 and zero_start  # these chunks' entering states are all 0
         blk = (i0, i1, t0, t1, kb, Q)
         ragged = T < kb * Q
         x_b = chunks_of(x, *blk).flatten(0, 1)  # (Kb, Q, h, p)
@@ -180,10 +192,10 @@ def chunked_backward(
         d = flat.block(i0, i1, k0, k1, c)  # (Kb, ...)
         d_plain = d.without_dt()  # decay_matrix(d_plain) = L, without dt
         whole = dec.whole[i0:i1, k0:k1]  # (mb, kb, h)
-        S_ent = states[i0:i1, k0:k1]  # (mb, kb, g, n, hg*p)
-        out = None if ragged else dx[i0:i1, t0:t1].flatten(0, 1).unflatten(0, (mb * kb, Q))
+        S_ent = None if first and kb == 1 else states[i0:i1, k0:k1]  # (mb, kb, g, n, hg*p)
+        out = None if ragged else dx[i0:i1, t0:t1].unflatten(1, (kb, Q)).flatten(0, 1)  # a view
         G_out, dx_b, dB_b, dC_b, ddt_b, dA_b, dD_b = _block_backward(
-            x_b, dy_b, B_b, C_b, A, D, d, d_plain, whole, S_ent, G_out,
+            x_b, dy_b, B_b, C_b, A, D, d, d_plain, whole, S_ent, G_out, not first,
             bufs if Kb == K else bufs.cut(Kb), out,
         )  # fmt: skip
         if ragged:
@@ -194,7 +206,7 @@ def chunked_backward(
         dA += dA_b
         if dD is not None:
             dD += dD_b
-        if k0 == 0:
+        if k0 == 0 and dS0 is not None:
             dS0[i0:i1] = G_out
     ddt = ddt.transpose(-1, -2).reshape(b, c * Q, h)[:, :l]  # (b, l, h)
     return dx, ddt, dA, dB, dC, dD, dS0
@@ -239,22 +251,31 @@ def _block_backward(
     d: ChunkDecays,
     plain: ChunkDecays,
     whole: Tensor,
-    S_ent: Tensor,
-    G_out: Tensor,
+    S_ent: Tensor | None,
+    G_out: Tensor | None,
+    need_G_in: bool,
     buf: Buffers,
     dx_out: Tensor | None,
-) -> tuple[Tensor, ...]:
+) -> tuple[Tensor | None, ...]:
     """One block's adjoints. x, dy (K, Q, h, p) for the block's K = m k chunks (m
     sequences of k); B, C (K, Q, g, n); d and plain its decays with and without dt (K,
     ...); whole (m, k, h); S_ent (m, k, g, n, hg*p) the states entering its chunks; G_out
     (m, g, n, hg*p) the gradient of the state leaving it; dx_out (K, Q, h, p) where dx
-    goes, if given. Returns the gradient of the state entering the block, then dx, dB and
-    dC (K, g, Q, n), ddt (K, h, Q), dA and dD."""
+    goes, if given. Returns the gradient of the state entering the block (None unless
+    `need_G_in`), then dx, dB and dC (K, g, Q, n), ddt (K, h, Q), dA and dD.
+
+    A column block (k = 1) may have S_ent None (all 0: a first column, no initial state)
+    or G_out None (no gradient: a last column, final state unused); then the products
+    with them, and what only they feed, are skipped: of the state terms' seven matmuls,
+    the first column skips three (S C, dC's F dY S^T, and the C^T F dY that feeds only
+    dS0) and the last two (G B, dB's E xd G^T)."""
     K, Q, h, p = x.shape
     g, n = B.shape[-2:]
     m, k = whole.shape[:2]
     hg = h // g
     hgp = hg * p
+    if k > 1 and (S_ent is None or G_out is None):
+        raise ValueError("only a column block (one chunk per sequence) skips zero states")
     F_t = d.from_start.unsqueeze(-1)  # (K, Q, h, 1)
     E_s = d.decay_to_end.unsqueeze(-1)  # (K, Q, h, 1)
     dt_q = d.dt.transpose(-1, -2).unsqueeze(-1)  # (K, Q, h, 1)
@@ -265,32 +286,51 @@ def _block_backward(
     def by_group(t: Tensor) -> Tensor:  # (K, Q, h, p) -> (K, g, Q, hg*p)
         return t.view(K, Q, g, hgp).transpose(1, 2)
 
-    S_ent = S_ent.reshape(K, g, n, hgp)  # a view: a block is contiguous in `states`
+    # (a view: a block is contiguous in `states`, or one chunk of each sequence)
+    S_ent = None if S_ent is None else S_ent.reshape(K, g, n, hgp)
 
     # 4* and 3*: what reaches the entering states, then the reverse state passing
-    fdy = torch.mul(dy, F_t, out=buf.fdy)  # (K, Q, h, p)
-    dstates = _matmul(C_c.transpose(-1, -2), by_group(fdy), buf.dstates)  # (K, g, n, hg*p)
-    G_next = buf.G_next.view(m, k, g, n, hg, p)  # gradient of the state leaving chunk j
-    ds = dstates.view(m, k, g, n, hg, p)
+    fdy = None
+    if S_ent is not None or need_G_in:
+        fdy = torch.mul(dy, F_t, out=buf.fdy)  # (K, Q, h, p)
     W = whole.reshape(m, k, g, 1, hg, 1)  # broadcast over (n, p)
-    G_next[:, k - 1] = G_out.view(m, g, n, hg, p)
-    G_in = G_out.new_empty(m, g, n, hg, p)
-    for j in reversed(range(k)):
-        torch.addcmul(ds[:, j], W[:, j], G_next[:, j], out=G_next[:, j - 1] if j else G_in)
-    G_next = buf.G_next  # (K, g, n, hg*p)
-    dW = torch.mul(G_next, S_ent, out=buf.tmp_state).view(K, g, n, hg, p).sum(-1).sum(2)
+    G_in = None
+    if k == 1:  # the gradient leaving each chunk is G_out itself
+        G_next = G_out  # (K, g, n, hg*p) or None
+        if need_G_in:  # (a fresh tensor where it is G_in itself: buffers are reused)
+            ds = _matmul(
+                C_c.transpose(-1, -2), by_group(fdy), None if G_out is None else buf.dstates
+            )
+            G_in = ds if G_out is None else torch.addcmul(
+                ds.view(m, g, n, hg, p), W[:, 0], G_out.view(m, g, n, hg, p)
+            ).view(m, g, n, hgp)  # fmt: skip
+    else:
+        dstates = _matmul(C_c.transpose(-1, -2), by_group(fdy), buf.dstates)
+        G_next = buf.G_next.view(m, k, g, n, hg, p)  # gradient of the state leaving chunk j
+        ds = dstates.view(m, k, g, n, hg, p)
+        G_next[:, k - 1] = G_out.view(m, g, n, hg, p)
+        G_in = G_out.new_empty(m, g, n, hg, p)
+        for j in reversed(range(k)):
+            torch.addcmul(ds[:, j], W[:, j], G_next[:, j], out=G_next[:, j - 1] if j else G_in)
+        G_next, G_in = buf.G_next, G_in.view(m, g, n, hgp)  # (K, g, n, hg*p)
 
-    # 4*: C and F
-    tm = _matmul_into(C_c, S_ent, by_group(buf.tm))  # S_k C_t, time-major (K, Q, h, p)
-    dF = torch.mul(dy, buf.tm, out=buf.tmp).sum(-1)  # (K, Q, h)
-    dC = _matmul(by_group(fdy), S_ent.transpose(-1, -2), buf.dC)  # (K, g, Q, n)
+    # 4*: C and F (0 where the entering states are)
+    dW = dF = dC = None
+    if S_ent is not None:
+        if G_next is not None:
+            dW = torch.mul(G_next, S_ent, out=buf.tmp_state).view(K, g, n, hg, p).sum(-1).sum(2)
+        _matmul_into(C_c, S_ent, by_group(buf.tm))  # S_k C_t, time-major (K, Q, h, p)
+        dF = torch.mul(dy, buf.tm, out=buf.tmp).sum(-1)  # (K, Q, h)
+        dC = _matmul(by_group(fdy), S_ent.transpose(-1, -2), buf.dC)  # (K, g, Q, n)
 
-    # 2*: xd = dt x and E, then B
-    _matmul_into(B_c, G_next, tm)  # V_s = G_{k+1} B_s, in buf.tm
-    dE = torch.mul(x, buf.tm, out=buf.tmp).sum(-1) * dt_q.squeeze(-1)  # (K, Q, h)
-    dxd = buf.tm.mul_(E_s)  # (K, Q, h, p): d xd from the chunk state
-    u = torch.mul(x, d.to_end.unsqueeze(-1), out=buf.tmp)  # E_s xd_s, the forward's
-    dB = _matmul(by_group(u), G_next.transpose(-1, -2), buf.dB)  # (K, g, Q, n)
+    # 2*: xd = dt x and E, then B (0 where the leaving states' gradients are)
+    dE = dxd = dB = None
+    if G_next is not None:
+        _matmul_into(B_c, G_next, by_group(buf.tm))  # V_s = G_{k+1} B_s, time-major
+        dE = torch.mul(x, buf.tm, out=buf.tmp).sum(-1) * dt_q.squeeze(-1)  # (K, Q, h)
+        dxd = buf.tm.mul_(E_s)  # (K, Q, h, p): d xd from the chunk state
+        u = torch.mul(x, d.to_end.unsqueeze(-1), out=buf.tmp)  # E_s xd_s, the forward's
+        dB = _matmul(by_group(u), G_next.transpose(-1, -2), buf.dB)  # (K, g, Q, n)
 
     # 1*: the diagonal blocks
     CB = _matmul(C_c, B_t, buf.CB).tril_()  # (K, g, Q, Q)
@@ -304,19 +344,26 @@ def _block_backward(
     dy_h = buf.dy_h.copy_(dy.transpose(1, 2))  # (K, h, Q, p)
     _matmul(P.transpose(-1, -2), dy_h, buf.dxd_h)  # P^T dY
     _matmul(dy_h, xd_h.transpose(-1, -2), buf.dP)  # dY xd^T
-    dxd.add_(buf.dxd_h.transpose(1, 2))
+    if dxd is None:
+        dxd = buf.tm.copy_(buf.dxd_h.transpose(1, 2))  # (K, Q, h, p)
+    else:
+        dxd.add_(buf.dxd_h.transpose(1, 2))
     dPL = buf.dP.mul_(L).view(K, g, hg, Q, Q)
     dCB = torch.sum(dPL, 2, out=buf.dCB).tril_()  # (K, g, Q, Q)
-    dC = torch.baddbmm(dC.flatten(0, 1), dCB.flatten(0, 1), B_c.flatten(0, 1),
-                       out=dC.flatten(0, 1)).view(dC.shape)  # fmt: skip
-    dB = torch.baddbmm(dB.flatten(0, 1), dCB.transpose(-1, -2).flatten(0, 1),
-                       C_c.flatten(0, 1), out=dB.flatten(0, 1)).view(dB.shape)  # fmt: skip
+    dC = _add_matmul(dC, dCB, B_c, buf.dC)  # (K, g, Q, n)
+    dB = _add_matmul(dB, dCB.transpose(-1, -2), C_c, buf.dB)
     Z = torch.mul(dPL, CB.unsqueeze(2), out=buf.P.view(dPL.shape)).view(K, h, Q, Q)  # L o dL
 
     # dt and A through the exponents cs
-    EdE = (E_s.squeeze(-1) * dE).transpose(-1, -2)  # (K, h, Q)
-    dcs = (F_t.squeeze(-1) * dF).transpose(-1, -2) + Z.sum(-1) - Z.sum(-2) - EdE
-    dcs[..., -1] += whole.reshape(K, h) * dW.reshape(K, h) + EdE.sum(-1)
+    dcs = Z.sum(-1) - Z.sum(-2)  # (K, h, Q)
+    if dF is not None:
+        dcs += (F_t.squeeze(-1) * dF).transpose(-1, -2)
+    if dE is not None:
+        EdE = (E_s.squeeze(-1) * dE).transpose(-1, -2)  # (K, h, Q)
+        dcs -= EdE
+        dcs[..., -1] += EdE.sum(-1)
+    if dW is not None:
+        dcs[..., -1] += whole.reshape(K, h) * dW.reshape(K, h)
     ddA = dcs.flip(-1).cumsum(-1).flip(-1)  # (K, h, Q): sum over t >= k
     ddt = torch.mul(x, dxd, out=buf.tmp).sum(-1).transpose(-1, -2) + A[:, None] * ddA
     dA = (d.dt * ddA).sum((0, 2))
@@ -325,7 +372,17 @@ def _block_backward(
     if D is not None:
         dx.addcmul_(dy, D[:, None])
         dD = torch.mul(dy, x, out=buf.tmp).sum((0, 1, 3))
-    return G_in.view(m, g, n, hgp), dx, dB, dC, ddt, dA, dD
+    return G_in, dx, dB, dC, ddt, dA, dD
+
+
+def _add_matmul(acc: Tensor | None, a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """acc + a @ b written into out (acc None: 0), one batched matmul over (chunk, group)."""
+    if acc is None:
+        return _matmul(a, b, out)
+    flat = out.flatten(0, 1)
+    return torch.baddbmm(acc.flatten(0, 1), a.flatten(0, 1), b.flatten(0, 1), out=flat).view(
+        out.shape
+    )
 
 
 def _matmul_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:

@@ -94,6 +94,37 @@ def test_chunked_backward_in_blocks(monkeypatch, block: str) -> None:
     assert_grads_close(grads(ssd_chunked, inp, dy, dh, Q), grads(ssd_scan, inp, dy, dh), 1e-10)
 
 
+@pytest.mark.parametrize("with_init", [True, False])
+@pytest.mark.parametrize("final", [True, False], ids=["final_state", "y_only"])
+def test_column_blocks_skip_only_zero_products(monkeypatch, with_init, final) -> None:
+    """Many short sequences run in column blocks (one chunk of each of several sequences);
+    without an initial state the first column skips its state products, and with the
+    final state unused the last column skips its own states: the same gradients."""
+    b, l, h, p, g, n, Q = 7, 10, 4, 3, 2, 3, 4  # 3 chunks, the last ragged
+    monkeypatch.setattr(ssd_chunks, "_BLOCK_ELEMENTS", 5 * h * Q * max(Q, p, n))
+    assert ssd_chunks.block_plan(b, -(-l // Q), h, Q, p, n) == (5, 1)  # blocks of 5 and 2
+    inp = random_ssd_inputs(b, l, h, p, g, n, with_initial_state=with_init)
+    dy, dh = cotangents(inp, final=final)
+    ref = grads(ssd_scan, inp, dy, dh)
+    assert_grads_close(grads(ssd_chunked, inp, dy, dh, Q), ref, 1e-10)
+    # the y-only call (no final state asked for) is the one that skips the last column
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inp.items() if v is not None}
+    args = [leaves[k] for k in NAMES[:5]]
+    y = ssd_chunked(*args, Q, D=leaves["D"], initial_state=leaves.get("initial_state"))
+    names = [k for k in NAMES if k in leaves]
+    got = torch.autograd.grad((y * dy).sum(), [leaves[k] for k in names])
+    ref = grads(ssd_scan, inp, dy, None)
+    assert_grads_close(dict(zip(names, got)), ref, 1e-10)
+    kw = {"D": inp["D"], "initial_state": inp.get("initial_state")}
+    y_ref, h_ref = ssd_scan(*(inp[k] for k in NAMES[:5]), **kw, return_final_state=True)
+    torch.testing.assert_close(y.detach(), y_ref, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # the inference path skips the same products
+        y0 = ssd_chunked(*(inp[k] for k in NAMES[:5]), Q, **kw)
+        y1, h1 = ssd_chunked(*(inp[k] for k in NAMES[:5]), Q, **kw, return_final_state=True)
+    for got, want in ((y0, y_ref), (y1, y_ref), (h1, h_ref)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_chunked_backward_matches_other_forms() -> None:
     """The quadratic form and autograd through the chunked steps agree with it too."""
     inp = random_ssd_inputs(2, 37, 4, 5, 2, 6, with_initial_state=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import statistics
 import subprocess
 import sys
@@ -64,12 +65,16 @@ def fwd_bwd(function: Callable, inp: dict, dy: torch.Tensor, chunk: int) -> Call
     """One forward+backward of `function` (a `chunked_ssd_function`): [y, grads...]."""
     b, _, h, p = inp["x"].shape
     n = inp["B"].shape[-1]
-    S0 = inp["x"].new_zeros(b, 1, n, h * p)  # no initial state, as the models run it
+    # No initial state and the final state unused, as the models run it: said as such
+    # where the function takes it (S0 None, final_state False), else a zero S0.
+    told = "final_state" in inspect.signature(function).parameters
+    S0 = None if told else inp["x"].new_zeros(b, 1, n, h * p)
+    kw = {"final_state": False} if told else {}
 
     def call() -> list:
         leaves = [inp[k].detach().requires_grad_(True) for k in ("x", "dt", "A", "B", "C", "D")]
         x, dt, A, B, C, D = leaves
-        y, _ = function(x, dt, A, B, C, D, S0, chunk)
+        y, _ = function(x, dt, A, B, C, D, S0, chunk, **kw)
         return [y.detach(), *torch.autograd.grad(y, leaves, dy)]
 
     return call
