@@ -263,11 +263,8 @@ def ssd_chunked(
         # padded tail unchanged, so the final state stays exact.
         dt = F.pad(dt, (0, 0, 0, c * Q - l)).view(b, c, Q, h)
         dec = chunk_decays(dt, A, _sub_chunk_length(Q))  # small: (b, c, h, ...)
-        if recording or traced:
-            S0 = x.new_zeros(b, g, n, hg * p) if S0 is None else S0
-            y, S = _chunked_all_at_once(x, dec, B, C, D, S0)
-        else:
-            y, S = _chunked_in_blocks_eager(x, dec, B, C, D, S0, final_state=return_final_state)
+        run = _chunked_all_at_once if recording or traced else _chunked_in_blocks_eager
+        y, S = run(x, dec, B, C, D, S0, final_state=return_final_state)
     y = y.to(x_dtype)  # in x's dtype whatever the others' (the state stays in the common one)
     if not return_final_state:
         return y

@@ -340,9 +340,18 @@ _BLOCK_ELEMENTS = 1 << 18
 
 
 def _chunked_all_at_once(
-    x: Tensor, dec: ChunkDecays, B: Tensor, C: Tensor, D: Tensor | None, S0: Tensor
-) -> tuple[Tensor, Tensor]:
-    """The four steps over all chunks at once, differentiable: y (b, l, h, p), final state."""
+    x: Tensor,
+    dec: ChunkDecays,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    S0: Tensor | None,
+    final_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """The four steps over all chunks at once, differentiable: y (b, l, h, p) and the
+    final state (None without `final_state`). As the blocked path does, it leaves out
+    the state products known to be 0 or unread: with no initial state (S0 None) the
+    first chunk's state-to-output, without the final state the last chunk's own state."""
     b, l, h, p = x.shape
     c, Q = dec.dt.shape[1], dec.dt.shape[-1]
     g, n = B.shape[2:]
@@ -351,10 +360,21 @@ def _chunked_all_at_once(
     B_t = F.pad(B, pad).reshape(b, c, Q, g, n).permute(0, 1, 3, 4, 2)  # (b, c, g, n, Q)
     C_c = F.pad(C, pad).reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
     L = decay_matrix(dec)  # (b, c, h, Q, Q)
-    states = chunk_state(x, dec.to_end, B_t)  # (b, c, g, n, hg*p)
     y_diag = diagonal_blocks(x.transpose(2, 3), L, C_c @ B_t, D)  # (b, c, h, Q, p)
-    entering, S = state_passing(states, dec.whole, S0)
-    y = state_to_output(entering, dec.from_start, C_c, y_diag)  # (b, c, Q, h, p)
+    k0 = 0 if S0 is not None else 1  # the chunks from k0 on enter with a state
+    c_own = c if final_state else c - 1  # the chunks whose own state is read
+    own = chunk_state(x[:, :c_own], dec.to_end[:, :c_own], B_t[:, :c_own])  # (b, c_own, g, n, hg*p)
+    if c_own > k0:  # the states entering chunks k0 .. c_own - 1, and chunk c_own's
+        start = own[:, 0] if S0 is None else S0
+        entering, S = state_passing(own[:, k0:], dec.whole[:, k0:c_own], start)
+    else:
+        entering, S = own[:, :0], own[:, 0] if S0 is None and c_own else S0
+    if c_own < c and k0 < c:  # the last chunk enters with S (the final state, unread)
+        entering, S = torch.cat([entering, S.unsqueeze(1)], dim=1), None
+    y = y_diag.transpose(2, 3)  # (b, c, Q, h, p)
+    if k0 < c:
+        y_state = state_to_output(entering, dec.from_start[:, k0:], C_c[:, k0:], y_diag[:, k0:])
+        y = torch.cat([y[:, :k0], y_state], dim=1)
     return y.reshape(b, c * Q, h, p)[:, :l], S
 
 

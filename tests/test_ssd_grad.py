@@ -125,6 +125,29 @@ def test_column_blocks_skip_only_zero_products(monkeypatch, with_init, final) ->
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("l", [3, 7, 13], ids=lambda l: f"{-(-l // 4)}_chunks")
+@pytest.mark.parametrize("with_init", [True, False])
+@pytest.mark.parametrize("final", [True, False], ids=["final_state", "y_only"])
+def test_plain_form_skips_only_zero_products(l, with_init, final) -> None:
+    """The plain form (autograd through the steps, what torch.compile traces) leaves out
+    the same products: outputs and gradients stay the scan's, with 1, 2 and 4 chunks."""
+    inp = random_ssd_inputs(2, l, 4, 3, 2, 3, with_initial_state=with_init)
+    dy, dh = cotangents(inp, final=final)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inp.items() if v is not None}
+    kw = {"D": leaves["D"], "initial_state": leaves.get("initial_state")}
+    out = ssd_chunked(*(leaves[k] for k in NAMES[:5]), 4, **kw, return_final_state=final,
+                      backward="autograd")  # fmt: skip
+    y, h = out if final else (out, None)
+    ref = ssd_scan(*(leaves[k] for k in NAMES[:5]), **kw, return_final_state=True)
+    torch.testing.assert_close(y, ref[0], rtol=1e-10, atol=1e-10)
+    if final:
+        torch.testing.assert_close(h, ref[1], rtol=1e-10, atol=1e-10)
+    names = [k for k in NAMES if k in leaves]
+    loss = (y * dy).sum() + (0 if h is None else (h * dh).sum())
+    got = dict(zip(names, torch.autograd.grad(loss, [leaves[k] for k in names])))
+    assert_grads_close(got, grads(ssd_scan, inp, dy, dh), 1e-10)
+
+
 def test_chunked_backward_matches_other_forms() -> None:
     """The quadratic form and autograd through the chunked steps agree with it too."""
     inp = random_ssd_inputs(2, 37, 4, 5, 2, 6, with_initial_state=True)
