@@ -530,7 +530,7 @@ def _chunked_in_blocks(
         mb, kb = i1 - i0, k1 - k0
         Kb, t0, t1 = mb * kb, k0 * Q, min(k1 * Q, l)
         S_in = None if k0 == 0 and S0 is None else S0[i0:i1] if k0 == 0 else carry[:mb]
-        zero_in = kb == 1 and S_in is None  # every entering state is 0
+        zero_in = kb == 1 and S_in is None  # every entering state is 0 (left unwritten)
         no_out = kb == 1 and k1 == c and not final_state  # own states feed nothing
         xb = chunks_of(x, i0, i1, t0, t1, kb, Q).flatten(0, 1)  # (Kb, Q, h, p)
         Bb = chunks_of(B, i0, i1, t0, t1, kb, Q).flatten(0, 1)  # (Kb, Q, g, n)
@@ -539,20 +539,20 @@ def _chunked_in_blocks(
         C_c = Cb.transpose(1, 2)  # (Kb, g, Q, n)
         df = flat.block(i0, i1, k0, k1, c)  # (Kb, ...)
         L = decay_matrix(df, out=L_buf[:Kb], work=tuple(w[:Kb] for w in work))
-        if not no_out:
+        S_ent = ent_buf[:mb, :kb] if states is None else states[i0:i1, k0:k1]
+        last = S_final[i0:i1] if k1 == c else carry[:mb]
+        if zero_in:  # (kb = 1) the state leaving is the chunk's own: written there
+            if not no_out:
+                chunk_state(xb, df.to_end, B_t, out=last, work=u_buf[:Kb])
+        elif no_out:  # (kb = 1) nothing to pass on: only S_ent, as the backward reads it
+            S_ent.copy_(S_in.unsqueeze(1))
+        else:
             chunk_state(xb, df.to_end, B_t, out=own[:Kb], work=u_buf[:Kb])
+            state_passing(own[:Kb].view(mb, kb, g, n, hgp), dec.whole[i0:i1, k0:k1], S_in,
+                          out=(S_ent, last))  # fmt: skip
         CB = _matmul(C_c, B_t, CB_buf[:Kb])  # (Kb, g, Q, Q)
         x_h = x_h_buf[:Kb].copy_(xb.transpose(1, 2))  # (Kb, h, Q, p)
         y_diag = diagonal_blocks(x_h, L, CB, D, out=y_diag_buf[:Kb])
-        S_ent = ent_buf[:mb, :kb] if states is None else states[i0:i1, k0:k1]
-        last = S_final[i0:i1] if k1 == c else carry[:mb]
-        if not no_out:
-            state_passing(own[:Kb].view(mb, kb, g, n, hgp), dec.whole[i0:i1, k0:k1], S_in,
-                          out=(S_ent, last))  # fmt: skip
-        elif S_in is None:  # (kb = 1) nothing to pass on; S_ent as the backward reads it
-            S_ent.zero_()
-        else:
-            S_ent.copy_(S_in.unsqueeze(1))
         C_c, y_diag = C_c.unflatten(0, (mb, kb)), y_diag.unflatten(0, (mb, kb))
         from_start = df.from_start.unflatten(0, (mb, kb))  # (mb, kb, Q, h)
         if t1 - t0 == kb * Q:
