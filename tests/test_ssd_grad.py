@@ -309,6 +309,40 @@ def test_bench_against_a_revision(capsys) -> None:
         against.main(["no-such-rev", "--length", "40", "--rounds", "1"])
 
 
+def test_bench_train_swaps_in_the_ssd_at_a_revision() -> None:
+    """`bench train --ssd-at REV` runs a step with REV's chunked SSD in place of the working
+    tree's, then puts it back; a revision from before S0 could be None gets a zero S0."""
+    import subprocess
+
+    import aotlib.ssd
+    from aotlib.bench import against
+    from aotlib.bench.train import called_as_now, ssd_at_revision
+
+    inp = random_ssd_inputs(2, 9, 2, 3, 1, 4)
+    mine, seen = aotlib.ssd.chunked_ssd_function, []
+
+    def step():  # a training step's SSD, its gradient with respect to x
+        seen.append(aotlib.ssd.chunked_ssd_function)
+        x = inp["x"].clone().requires_grad_(True)
+        ssd_chunked(x, inp["dt"], inp["A"], inp["B"], inp["C"], 4).square().sum().backward()
+        return x.grad
+
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=against.ROOT).returncode != 0:
+        pytest.skip("not a git checkout")
+    g_head = ssd_at_revision("HEAD", step)()
+    assert seen[-1] is not mine and aotlib.ssd.chunked_ssd_function is mine
+    torch.testing.assert_close(g_head, step(), rtol=1e-12, atol=1e-12)
+
+    def before(x, dt, A, B, C, D, S0, chunk_size):  # as revisions before S0 could be None
+        assert S0 is not None and not S0.any()
+        return mine(x, dt, A, B, C, D, S0, chunk_size)
+
+    x = inp["x"]
+    y, S = called_as_now(before)(x, inp["dt"], inp["A"], inp["B"], inp["C"], None, None, 4)
+    assert S.shape == (2, 1, 4, 6)
+    torch.testing.assert_close(y, ssd_chunked(x, inp["dt"], inp["A"], inp["B"], inp["C"], 4))
+
+
 @pytest.mark.parametrize("traced", [True, False], ids=["traced", "graph_break"])
 def test_mamba2_under_torch_compile(monkeypatch, traced: bool) -> None:
     """torch.compile of a Mamba-2 LM traces the SSD as plain ops (inductor writes the

@@ -43,6 +43,10 @@ Variants, timed interleaved:
   `aotlib.mamba2.causal_conv_silu`) and the gated norm as plain ops (not
   `aotlib.mamba2.GatedRMSNorm`): `--variants eager eager_before` is the before/after
   A/B, timed interleaved in one process.
+With `--ssd-at REV` (Mamba-2), one more variant, "eager, SSD at REV": "eager" with the
+SSD's training path (`aotlib/ssd_chunks.py`, `aotlib/ssd_grad.py`) as it was at a git
+revision, loaded next to the working tree's (`aotlib.bench.against`): a change to the SSD
+timed as whole training steps, interleaved in one process.
 All use `aotlib.models.Dropout` (four decisions per 64-bit draw; nn.Dropout's one draw
 per element costs as much as the model's matmuls here) and fused AdamW.
 """
@@ -50,6 +54,7 @@ per element costs as much as the model's matmuls here) and fused AdamW.
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -151,6 +156,45 @@ def make_step(
     return step, model
 
 
+def called_as_now(old: Callable) -> Callable:
+    """A revision's `chunked_ssd_function` with today's arguments: revisions before S0
+    could be None (and before `final_state`) are handed a zero S0 instead."""
+    if "final_state" in inspect.signature(old).parameters:
+        return old
+
+    def function(x, dt, A, B, C, D, S0, chunk_size, final_state=True):
+        if S0 is None:
+            b, _, h, p = x.shape
+            g, n = B.shape[2:]
+            S0 = x.new_zeros(b, g, n, h // g * p)
+        return old(x, dt, A, B, C, D, S0, chunk_size)
+
+    return function
+
+
+def ssd_at_revision(rev: str, step: Callable[[], float]) -> Callable[[], float]:
+    """`step` with `aotlib.ssd`'s chunked training path swapped for the one at git
+    revision `rev` while it runs (`aotlib.bench.against.revision_modules`)."""
+    import tempfile
+    from pathlib import Path
+
+    import aotlib.ssd
+    from aotlib.bench.against import revision_modules
+
+    with tempfile.TemporaryDirectory() as folder:
+        old_function = called_as_now(revision_modules(rev, Path(folder)).chunked_ssd_function)
+
+    def swapped() -> float:
+        mine = aotlib.ssd.chunked_ssd_function
+        aotlib.ssd.chunked_ssd_function = old_function
+        try:
+            return step()
+        finally:
+            aotlib.ssd.chunked_ssd_function = mine
+
+    return swapped
+
+
 def _spread(xs: list[float], fmt: str) -> str:
     return f"{statistics.median(xs):{fmt}} ({min(xs):{fmt}}, {max(xs):{fmt}})"
 
@@ -166,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    p.add_argument("--ssd-at", metavar="REV", help="mamba2: also eager with the SSD at REV")
     args = p.parse_args(argv)
+    if args.ssd_at and args.arch != "mamba2":
+        raise SystemExit("--ssd-at needs --arch mamba2")
 
     torch.set_num_threads(args.threads)
     # The model the cpu-scale experiments train (aotlib.experiments.lm_config).
@@ -194,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(2):  # warm-up: compilation, allocator, caches
             steps[name]()
         print(f"[{name}] warm-up (incl. compilation) {time.perf_counter() - t0:.1f} s")
+    if args.ssd_at:
+        name = f"eager, SSD at {args.ssd_at}"
+        t0 = time.perf_counter()
+        steps[name] = ssd_at_revision(args.ssd_at, make_step(cfg, args.batch, True, False)[0])
+        for _ in range(2):
+            steps[name]()
+        print(f"[{name}] warm-up {time.perf_counter() - t0:.1f} s")
     n_ne = count_parameters(model)
     fpt = flops_per_token(cfg, n_ne)
     mix = 3 * cfg.n_layer * mixing_flops(cfg)
@@ -217,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\nmedian (min, max) over repeats; rates per wall second | per CPU second")
     best_name, best = "", 0.0
+    first = next(iter(rows))
     for name, rs in rows.items():
         tok_w, tok_c, mm_w, mm_c = (list(col) for col in zip(*rs))
         share_w = [t * fpt / 1e9 / m for t, m in zip(tok_w, mm_w)]
@@ -227,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  model GFLOP/s   {_spread(gf_w, '.1f'):<24} | {_spread(gf_c, '.1f')}")
         print(f"  matmul GFLOP/s  {_spread(mm_w, '.1f'):<24} | {_spread(mm_c, '.1f')}")
         print(f"  share           {_spread(share_w, '.3f'):<24} | {_spread(share_c, '.3f')}")
+        if name != first:  # paired with the first variant's timing of the same repeat
+            ratio = [r[1] / f[1] for r, f in zip(rs, rows[first])]
+            print(f"  tokens/CPU s / {first}'s, per repeat: {_spread(ratio, '.3f')}")
         if statistics.median(share_c) > best:
             best_name, best = name, statistics.median(share_c)
     ok = best >= TARGET
