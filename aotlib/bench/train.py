@@ -2,6 +2,7 @@
 
     python -m aotlib.bench train [--threads 1] [--batch 32] [--dropout 0]
                                  [--variants compiled eager plain] [--repeats 5]
+                                 [--arch mamba2 --ssd-at REV]
 
 One training step = forward, cross-entropy, backward and a fused AdamW step on random
 tokens, for the config the CPU-scale experiments use (`aotlib.experiments`, scale
