@@ -226,10 +226,12 @@ def ssd_chunked(
     """The chunked SSD algorithm: O(l Q) work in matmuls, O(l / Q) sequential steps.
 
     The four steps run block by block (`aotlib.ssd_chunks.block_plan`) in reused buffers,
-    the outputs written straight into y. With autograd recording, backward="chunked" (the
-    default) runs that forward keeping the chunk states and a backward written out in the
-    same blocks (`aotlib.ssd_grad`); backward="autograd" runs the four steps once over all
-    chunks as ordinary differentiable ops (the plain reference: one function, two ways).
+    the outputs written straight into y; without an initial state, or without
+    `return_final_state`, the state products known to be 0 or unread are skipped. With
+    autograd recording, backward="chunked" (the default) runs that forward keeping the
+    chunk states and a backward written out in the same blocks (`aotlib.ssd_grad`);
+    backward="autograd" runs the four steps once over all chunks as ordinary
+    differentiable ops (the plain reference: one function, two ways).
     Any length and any chunk size work every way. Under torch.compile, sequences of up to
     `COMPILE_MAX_CHUNKS` chunks take the plain form, which the compiler fuses (inductor
     writes its backward; `python -m aotlib.bench train --arch mamba2 --variants compiled

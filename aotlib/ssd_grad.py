@@ -48,6 +48,13 @@ The forward never forms cs_t - cs_s (a difference of two long sums, see
 need no such care. Work: about twice the forward's matmuls (the usual 2x), plus passes
 over (Q, Q) and (Q, p) tensors per head. Memory: the saved inputs, the chunk states
 ((b, c, h, p, n), x's size when N = Q), and one block's temporaries.
+
+Known zeros are skipped where a block allows it: with no initial state the states
+entering the first chunks are 0 (so are 4*'s products with them, and 3*'s gradient
+reaching them is not needed), and with the final state unused the gradient leaving the
+last chunks is 0 (so are 2*'s products with it). Many short sequences run in column
+blocks (one chunk of each of several sequences, `aotlib.ssd_chunks.block_plan`), where
+each such skip is a whole batched matmul.
 """
 
 from __future__ import annotations
