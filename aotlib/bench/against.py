@@ -13,7 +13,9 @@ also says whether y and every gradient are bitwise equal, or how far apart they 
 Shape: the cpu preset's Mamba-2 by default (`python -m aotlib.bench ssd --model-shape`:
 batch 32, length 128, 8 heads of 32, N = 64, chunk 32); with --length L the long-sequence
 sweep's (batch 2, 8 heads of 64, N = 64, chunk 64) at length L. REV must have
-`aotlib.ssd_grad.chunked_ssd_function(x, dt, A, B, C, D, S0, chunk_size)`.
+`aotlib.ssd_grad.chunked_ssd_function(x, dt, A, B, C, D, S0, chunk_size)`. Each is called
+as the models call it, with no initial state and the final state unused (S0=None,
+final_state=False), or with a zero S0 where a revision takes no None.
 """
 
 from __future__ import annotations
