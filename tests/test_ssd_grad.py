@@ -316,7 +316,8 @@ def test_bench_train_swaps_in_the_ssd_at_a_revision() -> None:
 
     import aotlib.ssd
     from aotlib.bench import against
-    from aotlib.bench.train import called_as_now, ssd_at_revision
+    from aotlib.bench.against import called_as_now
+    from aotlib.bench.train import ssd_at_revision
 
     inp = random_ssd_inputs(2, 9, 2, 3, 1, 4)
     mine, seen = aotlib.ssd.chunked_ssd_function, []

@@ -63,20 +63,31 @@ def revision_modules(rev: str, folder: Path) -> ModuleType:
     return module
 
 
+def called_as_now(old: Callable) -> Callable:
+    """A revision's `chunked_ssd_function` with today's arguments: revisions before S0
+    could be None (and before `final_state`) are handed a zero S0 instead."""
+    if "final_state" in inspect.signature(old).parameters:
+        return old
+
+    def function(x, dt, A, B, C, D, S0, chunk_size, final_state=True):
+        if S0 is None:
+            b, _, h, p = x.shape
+            g, n = B.shape[2:]
+            S0 = x.new_zeros(b, g, n, h // g * p)
+        return old(x, dt, A, B, C, D, S0, chunk_size)
+
+    return function
+
+
 def fwd_bwd(function: Callable, inp: dict, dy: torch.Tensor, chunk: int) -> Callable[[], list]:
-    """One forward+backward of `function` (a `chunked_ssd_function`): [y, grads...]."""
-    b, _, h, p = inp["x"].shape
-    n = inp["B"].shape[-1]
-    # No initial state and the final state unused, as the models run it: said as such
-    # where the function takes it (S0 None, final_state False), else a zero S0.
-    told = "final_state" in inspect.signature(function).parameters
-    S0 = None if told else inp["x"].new_zeros(b, 1, n, h * p)
-    kw = {"final_state": False} if told else {}
+    """One forward+backward of `function` (a `chunked_ssd_function`): [y, grads...], with
+    no initial state and the final state unused, as the models run it."""
+    function = called_as_now(function)
 
     def call() -> list:
         leaves = [inp[k].detach().requires_grad_(True) for k in ("x", "dt", "A", "B", "C", "D")]
         x, dt, A, B, C, D = leaves
-        y, _ = function(x, dt, A, B, C, D, S0, chunk, **kw)
+        y, _ = function(x, dt, A, B, C, D, None, chunk, final_state=False)
         return [y.detach(), *torch.autograd.grad(y, leaves, dy)]
 
     return call

@@ -55,7 +55,6 @@ per element costs as much as the model's matmuls here) and fused AdamW.
 from __future__ import annotations
 
 import argparse
-import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -157,22 +156,6 @@ def make_step(
     return step, model
 
 
-def called_as_now(old: Callable) -> Callable:
-    """A revision's `chunked_ssd_function` with today's arguments: revisions before S0
-    could be None (and before `final_state`) are handed a zero S0 instead."""
-    if "final_state" in inspect.signature(old).parameters:
-        return old
-
-    def function(x, dt, A, B, C, D, S0, chunk_size, final_state=True):
-        if S0 is None:
-            b, _, h, p = x.shape
-            g, n = B.shape[2:]
-            S0 = x.new_zeros(b, g, n, h // g * p)
-        return old(x, dt, A, B, C, D, S0, chunk_size)
-
-    return function
-
-
 def ssd_at_revision(rev: str, step: Callable[[], float]) -> Callable[[], float]:
     """`step` with `aotlib.ssd`'s chunked training path swapped for the one at git
     revision `rev` while it runs (`aotlib.bench.against.revision_modules`)."""
@@ -180,7 +163,7 @@ def ssd_at_revision(rev: str, step: Callable[[], float]) -> Callable[[], float]:
     from pathlib import Path
 
     import aotlib.ssd
-    from aotlib.bench.against import revision_modules
+    from aotlib.bench.against import called_as_now, revision_modules
 
     with tempfile.TemporaryDirectory() as folder:
         old_function = called_as_now(revision_modules(rev, Path(folder)).chunked_ssd_function)
