@@ -496,9 +496,9 @@ def _chunked_in_blocks(
     """The same steps without autograd, a block at a time (`block_plan`): every
     intermediate in a reused buffer, every output written in place. S0 None is a zero
     initial state; with `final_state` False the final state is not made (None is
-    returned): then a column block (one chunk of each of its sequences) skips the
-    matmuls whose results are known: the first column's state-to-output (its states are
-    0) and the last column's chunk states (they would feed only the final state). With
+    returned). Column blocks (one chunk of each of their sequences) then skip the matmuls
+    whose results are known: the first column's state-to-output with no initial state
+    (its states are 0), the last column's chunk states without the final state. With
     `states` (b, c, g, n, hg*p), the state entering every chunk is kept there (the
     training path's backward reads them); otherwise only a block's."""
     b, l, h, p = x.shape
