@@ -309,6 +309,31 @@ def test_bench_against_a_revision(capsys) -> None:
         against.main(["no-such-rev", "--length", "40", "--rounds", "1"])
 
 
+def test_bench_train_head_rows_change_only_the_blocking(monkeypatch) -> None:
+    """`bench train --head-rows R` times the same step with the LM head in blocks of R
+    rows: the same loss, and the parameters after one step, up to float32 regrouping."""
+    from dataclasses import replace
+
+    import aotlib.models
+    from aotlib.bench.train import make_step
+    from aotlib.experiments import lm_config
+
+    used, apply = [], aotlib.models.LinearCrossEntropy.apply
+
+    def spy(h, W, targets, rows):
+        used.append(rows)
+        return apply(h, W, targets, rows)
+
+    monkeypatch.setattr(aotlib.models.LinearCrossEntropy, "apply", spy)
+    cfg = replace(lm_config("smoke", arch="mamba2").model, vocab_size=64)
+    runs = [make_step(cfg, 3, True, False, head_rows=rows) for rows in (None, 7)]
+    losses = [step() for step, _ in runs]
+    assert used[1] == 7 and used[0] != 7  # the default block holds all 3 x context rows
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for pa, pb in zip(runs[0][1].parameters(), runs[1][1].parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
 def test_bench_train_swaps_in_the_ssd_at_a_revision() -> None:
     """`bench train --ssd-at REV` runs a step with REV's chunked SSD in place of the working
     tree's, then puts it back; a revision from before S0 could be None gets a zero S0."""

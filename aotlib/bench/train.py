@@ -2,7 +2,7 @@
 
     python -m aotlib.bench train [--threads 1] [--batch 32] [--dropout 0]
                                  [--variants compiled eager plain] [--repeats 5]
-                                 [--arch mamba2 --ssd-at REV]
+                                 [--arch mamba2 --ssd-at REV] [--head-rows R ...]
 
 One training step = forward, cross-entropy, backward and a fused AdamW step on random
 tokens, for the config the CPU-scale experiments use (`aotlib.experiments`, scale
@@ -47,7 +47,9 @@ Variants, timed interleaved:
 With `--ssd-at REV` (Mamba-2), one more variant, "eager, SSD at REV": "eager" with the
 SSD's training path (`aotlib/ssd_chunks.py`, `aotlib/ssd_grad.py`) as it was at a git
 revision, loaded next to the working tree's (`aotlib.bench.against`): a change to the SSD
-timed as whole training steps, interleaved in one process.
+timed as whole training steps, interleaved in one process. With `--head-rows R ...`, "eager"
+with the LM head + loss in blocks of R rows, one variant per R (the default block is ~8 MB
+of logits, 512 rows at V = 4096).
 All use `aotlib.models.Dropout` (four decisions per 64-bit draw; nn.Dropout's one draw
 per element costs as much as the model's matmuls here) and fused AdamW.
 """
@@ -123,9 +125,16 @@ def flops_per_token(cfg: ModelConfig, n_non_embedding: int) -> float:
 
 
 def make_step(
-    cfg: ModelConfig, batch: int, fused_loss: bool, compile: bool, seed: int = 0
+    cfg: ModelConfig,
+    batch: int,
+    fused_loss: bool,
+    compile: bool,
+    seed: int = 0,
+    head_rows: int | None = None,
 ) -> tuple[Callable[[], float], torch.nn.Module]:
-    """A function running one training step (returns the loss), and its model."""
+    """A function running one training step (returns the loss), and its model; with
+    `fused_loss`, the LM head and loss run in blocks of `head_rows` rows (None:
+    `linear_cross_entropy`'s default)."""
     torch.manual_seed(seed)
     model = build_model(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
@@ -138,7 +147,7 @@ def make_step(
 
         def loss_fn() -> torch.Tensor:
             h = hidden(inputs)  # (B, T, d)
-            return linear_cross_entropy(h.flatten(0, 1), head, targets.flatten())
+            return linear_cross_entropy(h.flatten(0, 1), head, targets.flatten(), head_rows)
     else:
         forward = torch.compile(model) if compile else model
 
@@ -195,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--ssd-at", metavar="REV", help="mamba2: also eager with the SSD at REV")
+    p.add_argument("--head-rows", type=int, nargs="+", default=[], metavar="R",
+                   help="also eager with the LM head + loss in blocks of R rows")  # fmt: skip
     args = p.parse_args(argv)
     if args.ssd_at and args.arch != "mamba2":
         raise SystemExit("--ssd-at needs --arch mamba2")
@@ -229,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         name = f"eager, SSD at {args.ssd_at}"
         t0 = time.perf_counter()
         steps[name] = ssd_at_revision(args.ssd_at, make_step(cfg, args.batch, True, False)[0])
+        for _ in range(2):
+            steps[name]()
+        print(f"[{name}] warm-up {time.perf_counter() - t0:.1f} s")
+    for rows in args.head_rows:
+        name = f"eager, head rows {rows}"
+        t0 = time.perf_counter()
+        steps[name] = make_step(cfg, args.batch, True, False, head_rows=rows)[0]
         for _ in range(2):
             steps[name]()
         print(f"[{name}] warm-up {time.perf_counter() - t0:.1f} s")
