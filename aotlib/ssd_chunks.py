@@ -478,6 +478,14 @@ def chunks_of(t: Tensor, i0: int, i1: int, t0: int, t1: int, kb: int, Q: int) ->
     return part.unflatten(1, (kb, Q))
 
 
+def enters_at_zero(k0: int, kb: int, zero_start: bool) -> bool:
+    """Whether every state entering a block is known to be 0: a first column (one chunk,
+    k0 = 0, of each of its sequences) with no initial state. Such a block skips the
+    products with its entering states, forward (which leaves them unwritten in the
+    training path's saved states) and backward (which does not read them)."""
+    return zero_start and k0 == 0 and kb == 1
+
+
 def flat_decays(d: ChunkDecays) -> ChunkDecays:
     """(m, k, ...) -> (m k, ...): a block's decays with one leading dim (views)."""
     return ChunkDecays(*(t.flatten(0, 1) for t in d))
@@ -529,8 +537,11 @@ def _chunked_in_blocks(
     for i0, i1, k0, k1 in blocks(b, c, m, k):
         mb, kb = i1 - i0, k1 - k0
         Kb, t0, t1 = mb * kb, k0 * Q, min(k1 * Q, l)
-        S_in = None if k0 == 0 and S0 is None else S0[i0:i1] if k0 == 0 else carry[:mb]
-        zero_in = kb == 1 and S_in is None  # every entering state is 0 (left unwritten)
+        if k0 > 0:
+            S_in = carry[:mb]  # the state the previous block of these sequences left
+        else:
+            S_in = None if S0 is None else S0[i0:i1]  # (mb, g, n, hg*p); None: 0
+        zero_in = enters_at_zero(k0, kb, S0 is None)  # its `states` are left unwritten
         no_out = kb == 1 and k1 == c and not final_state  # own states feed nothing
         xb = chunks_of(x, i0, i1, t0, t1, kb, Q).flatten(0, 1)  # (Kb, Q, h, p)
         Bb = chunks_of(B, i0, i1, t0, t1, kb, Q).flatten(0, 1)  # (Kb, Q, g, n)

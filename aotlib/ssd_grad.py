@@ -75,6 +75,7 @@ from aotlib.ssd_chunks import (
     chunk_decays,
     chunks_of,
     decay_matrix,
+    enters_at_zero,
     flat_decays,
     new_output,
 )
@@ -188,7 +189,7 @@ def chunked_backward(
             G_out = None if dS is None else dS[i0:i1]
         if G_out is None and kb > 1:  # known 0 for the last chunk only: not skippable
             G_out = x.new_zeros(mb, g, n, hgp)
-        first = k0 == 0 and zero_start  # these chunks' entering states are all 0
+        first = k0 == 0 and zero_start  # the state entering these sequences gets no gradient
         blk = (i0, i1, t0, t1, kb, Q)
         ragged = T < kb * Q
         x_b = chunks_of(x, *blk).flatten(0, 1)  # (Kb, Q, h, p)
@@ -199,7 +200,8 @@ def chunked_backward(
         d = flat.block(i0, i1, k0, k1, c)  # (Kb, ...)
         d_plain = d.without_dt()  # decay_matrix(d_plain) = L, without dt
         whole = dec.whole[i0:i1, k0:k1]  # (mb, kb, h)
-        S_ent = None if first and kb == 1 else states[i0:i1, k0:k1]  # (mb, kb, g, n, hg*p)
+        zero_in = enters_at_zero(k0, kb, zero_start)  # unwritten by the forward
+        S_ent = None if zero_in else states[i0:i1, k0:k1]  # (mb, kb, g, n, hg*p)
         out = None if ragged else dx[i0:i1, t0:t1].unflatten(1, (kb, Q)).flatten(0, 1)  # a view
         G_out, dx_b, dB_b, dC_b, ddt_b, dA_b, dD_b = _block_backward(
             x_b, dy_b, B_b, C_b, A, D, d, d_plain, whole, S_ent, G_out, not first,

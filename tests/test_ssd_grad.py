@@ -311,7 +311,9 @@ def test_bench_against_a_revision(capsys) -> None:
 
 def test_bench_train_head_rows_change_only_the_blocking(monkeypatch) -> None:
     """`bench train --head-rows R` times the same step with the LM head in blocks of R
-    rows: the same loss, and the parameters after one step, up to float32 regrouping."""
+    rows: the same loss and gradients, up to float32 regrouping. (Not the parameters after
+    the step: AdamW's first step moves each by lr times the sign of its gradient, so a
+    gradient near 0 whose rounding flips sign moves its parameter the other way.)"""
     from dataclasses import replace
 
     import aotlib.models
@@ -331,7 +333,7 @@ def test_bench_train_head_rows_change_only_the_blocking(monkeypatch) -> None:
     assert used[1] == 7 and used[0] != 7  # the default block holds all 3 x context rows
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     for pa, pb in zip(runs[0][1].parameters(), runs[1][1].parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6 * pa.grad.abs().max())
 
 
 def test_bench_train_swaps_in_the_ssd_at_a_revision() -> None:
