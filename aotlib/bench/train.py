@@ -40,6 +40,9 @@ Variants, timed interleaved:
   logits of a batch never travel to memory;
 - eager: the same without torch.compile (no compile time; `aotlib.models.fused_lm_loss`);
 - plain: what a textbook loop does: model(inputs) -> logits -> F.cross_entropy;
+- eager_torch (not run by default): "eager" with `aotlib.native`'s C kernels off (for
+  Mamba-2 the conv + SiLU and the gated norm then run as their torch forms, as where no C
+  compiler is found): `--variants eager eager_torch` times what the kernels buy;
 - eager_before (Mamba-2 only, not run by default): "eager" as Mamba-2 trained before
   issue 15: the SSD's chunked path differentiated by autograd through its steps (not the
   written-out backward of `aotlib.ssd_grad`), the conv as nn.Conv1d then F.silu (not
@@ -68,8 +71,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from aotlib import native
 from aotlib.bench.ssd import chunked_flops_per_token
 from aotlib.experiments import lm_config
+from aotlib.mamba2 import RMSNorm
 from aotlib.models import ModelConfig, build_model, count_parameters, linear_cross_entropy
 
 TARGET = 0.5  # model FLOP rate / matmul rate
@@ -80,6 +85,7 @@ VARIANTS = {
     "eager": (True, False),
     "plain": (False, False),
     "eager_before": (True, False),  # mamba2: "eager" with the SSD and conv paths before
+    "eager_torch": (True, False),  # "eager" without aotlib.native's C kernels
 }
 DEFAULT_VARIANTS = ["compiled", "eager", "plain"]
 
@@ -181,8 +187,22 @@ def variant_step(
             raise SystemExit("--variants eager_before needs --arch mamba2")
         for blk in model.blocks:
             blk.ssd_backward, blk.conv_form = "autograd", "conv1d"
-            blk.norm.fused = False
+        for norm in model.modules():
+            if isinstance(norm, RMSNorm):  # the gated and the residual norms
+                norm.fused = False
+    if name == "eager_torch":
+        return _without_native(step), model
     return step, model
+
+
+def _without_native(step: Callable[[], float]) -> Callable[[], float]:
+    """`step` with `aotlib.native`'s kernels off: the torch forms of what they fuse."""
+
+    def torch_only() -> float:
+        with native.off():
+            return step()
+
+    return torch_only
 
 
 def ssd_at_revision(rev: str, step: Callable[[], float]) -> Callable[[], float]:

@@ -1,0 +1,214 @@
+/* Mamba-2's elementwise layers on CPU, forward and backward, one pass each:
+ * the causal depthwise conv + SiLU (aotlib.mamba2.CausalConvSiLU) and the gated RMSNorm
+ * (aotlib.mamba2.GatedRMSNorm). They are the fast paths of those autograd Functions,
+ * whose torch forms are the references (tests compare the two); aotlib.native builds and
+ * loads this file. Every inner loop runs over contiguous channels with no branches, so
+ * the compiler vectorizes it; exp is the polynomial below (libm's expf would not
+ * vectorize). Sums over many rows (the weights' gradients) are kept in double.
+ *
+ * Causal conv + SiLU. x (b, l, c) with channels contiguous and rows at any stride,
+ * weight w (k, c) tap-major, bias (c,); the output (and its gradient) comes as `ng`
+ * contiguous (b, l, width) groups of channels (Mamba-2's x, B and C).
+ *
+ *   a_t = bias + sum_j w_j x_{t-(k-1-j)}   (x_{<0} = 0, taps in nn.Conv1d's order)
+ *   out_t = SiLU(a_t) = a_t / (1 + exp(-a_t))
+ *
+ * Backward, with da_t = dout_t SiLU'(a_t), SiLU'(a) = s (1 + a (1 - s)), s = sigmoid(a):
+ *   dx_t = sum_j w_j da_{t+k-1-j},  dw_j = sum_{b,t} da_t x_{t-(k-1-j)},  dbias = sum da_t.
+ * It walks each sequence backwards in time, recomputing a_t from x (k multiply-adds per
+ * channel, cheaper than storing and reading it back) and keeping the last k rows of da in
+ * a ring, so x, dout and dx are each read or written once.
+ *
+ * Gated RMSNorm. x, z (rows, d), weight (d,), groups of gs channels in each row:
+ *   xs = x SiLU(z),  r = 1 / sqrt(mean_group(xs^2) + eps),  n = xs r,  out = n w.
+ * Backward (r kept from the forward, the rest recomputed from x and z):
+ *   dn = dout w,  dxs = r (dn - n mean_group(dn n)),  dx = dxs SiLU(z),
+ *   dz = dxs x SiLU'(z),  dw = sum_rows dout n.
+ * z NULL: no gate (xs = x, dx = dxs), the residual stream's plain RMSNorm.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* exp(x) for float, within 2 ulp of expf over the range used (Cephes' polynomial on
+ * x - n ln2, times 2^n built from its exponent bits); arguments are clamped to where
+ * 2^n is a normal float, which only moves results that SiLU rounds to 0 or to x anyway. */
+static inline float exp_f(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float shift = 12582912.0f; /* 1.5 * 2^23: adding and subtracting it rounds */
+    float n = (x * 1.44269504088896341f + shift) - shift;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } two_n;
+    two_n.i = ((int32_t)n + 127) << 23;
+    return p * two_n.f;
+}
+
+/* a (c,) = bias + sum_j w_j x_{t-(k-1-j)} for row t of the sequence starting at xs */
+static void pre_activation(float *restrict a, const float *restrict xs, int64_t sxl,
+                           const float *restrict w, const float *restrict bias, int64_t t,
+                           int64_t c, int64_t k) {
+    memcpy(a, bias, (size_t)c * sizeof(float));
+    for (int64_t j = 0; j < k; j++) {
+        int64_t s = k - 1 - j;
+        if (t < s) continue;
+        const float *restrict xr = xs + (t - s) * sxl;
+        const float *restrict wj = w + j * c;
+        for (int64_t q = 0; q < c; q++) a[q] += wj[q] * xr[q];
+    }
+}
+
+int causal_conv_silu_forward(const float *x, int64_t sxb, int64_t sxl, const float *w,
+                             const float *bias, int64_t b, int64_t l, int64_t c, int64_t k,
+                             int64_t ng, const int64_t *widths, float *const *outs) {
+    float *a = malloc((size_t)c * sizeof(float));
+    if (!a) return 1;
+    for (int64_t i = 0; i < b; i++)
+        for (int64_t t = 0; t < l; t++) {
+            pre_activation(a, x + i * sxb, sxl, w, bias, t, c, k);
+            const float *ag = a;
+            for (int64_t g = 0; g < ng; g++) {
+                float *restrict o = outs[g] + (i * l + t) * widths[g];
+                for (int64_t q = 0; q < widths[g]; q++) o[q] = ag[q] / (1.0f + exp_f(-ag[q]));
+                ag += widths[g];
+            }
+        }
+    free(a);
+    return 0;
+}
+
+int causal_conv_silu_backward(const float *x, int64_t sxb, int64_t sxl, const float *w,
+                              const float *bias, int64_t b, int64_t l, int64_t c, int64_t k,
+                              int64_t ng, const int64_t *widths, const float *const *douts,
+                              float *dx, double *dw, double *dbias) {
+    float *a = malloc((size_t)c * sizeof(float));
+    float *ring = malloc((size_t)(k * c) * sizeof(float)); /* da_t at row t % k */
+    if (!a || !ring) {
+        free(a);
+        free(ring);
+        return 1;
+    }
+    for (int64_t i = 0; i < b; i++)
+        for (int64_t t = l - 1; t >= 0; t--) {
+            const float *xs = x + i * sxb;
+            pre_activation(a, xs, sxl, w, bias, t, c, k);
+            float *restrict da = ring + (t % k) * c;
+            const float *ag = a;
+            float *dag = da;
+            for (int64_t g = 0; g < ng; g++) {
+                const float *restrict d = douts[g] + (i * l + t) * widths[g];
+                for (int64_t q = 0; q < widths[g]; q++) {
+                    float s = 1.0f / (1.0f + exp_f(-ag[q]));
+                    dag[q] = d[q] * (s * (1.0f + ag[q] * (1.0f - s)));
+                }
+                ag += widths[g];
+                dag += widths[g];
+            }
+            /* dx_t: tap k-1 reads x_t itself, then the others in tap order */
+            float *restrict o = dx + (i * l + t) * c;
+            const float *restrict wl = w + (k - 1) * c;
+            const float *restrict xr = xs + t * sxl;
+            for (int64_t q = 0; q < c; q++) {
+                o[q] = da[q] * wl[q];
+                dbias[q] += da[q];
+            }
+            for (int64_t j = 0; j < k; j++) {
+                int64_t s = k - 1 - j;
+                if (t + s >= l) continue;
+                const float *restrict ds = ring + ((t + s) % k) * c;
+                const float *restrict wj = w + j * c;
+                double *restrict dwj = dw + j * c;
+                if (s)
+                    for (int64_t q = 0; q < c; q++) o[q] += ds[q] * wj[q];
+                for (int64_t q = 0; q < c; q++) dwj[q] += (double)ds[q] * (double)xr[q];
+            }
+        }
+    free(a);
+    free(ring);
+    return 0;
+}
+
+/* sum of a[q] b[q] over n floats, in 16 lanes (so that it vectorizes without reordering
+ * licence from -ffast-math), lanes then added in order */
+static float dot_f(const float *restrict a, const float *restrict b, int64_t n) {
+    float lane[16] = {0};
+    int64_t q = 0;
+    for (; q + 16 <= n; q += 16)
+        for (int v = 0; v < 16; v++) lane[v] += a[q + v] * b[q + v];
+    float s = 0.0f;
+    for (; q < n; q++) s += a[q] * b[q];
+    for (int v = 0; v < 16; v++) s += lane[v];
+    return s;
+}
+
+static inline float sigmoid_f(float z) { return 1.0f / (1.0f + exp_f(-z)); }
+
+int gated_rms_norm_forward(const float *x, const float *z, const float *w, int64_t rows,
+                           int64_t d, int64_t gs, float eps, float *out, float *r) {
+    int64_t G = d / gs;
+    for (int64_t i = 0; i < rows; i++) {
+        const float *restrict xi = x + i * d, *restrict zi = z + i * d;
+        float *restrict oi = out + i * d;
+        if (z)
+            for (int64_t q = 0; q < d; q++) oi[q] = xi[q] * (zi[q] * sigmoid_f(zi[q])); /* xs */
+        else
+            memcpy(oi, xi, (size_t)d * sizeof(float));
+        for (int64_t g = 0; g < G; g++) {
+            float *restrict og = oi + g * gs;
+            const float *restrict wg = w + g * gs;
+            float rg = 1.0f / sqrtf(dot_f(og, og, gs) / (float)gs + eps);
+            for (int64_t q = 0; q < gs; q++) og[q] = (og[q] * rg) * wg[q];
+            r[i * G + g] = rg;
+        }
+    }
+    return 0;
+}
+
+int gated_rms_norm_backward(const float *x, const float *z, const float *w, int64_t rows,
+                            int64_t d, int64_t gs, const float *r, const float *dout, float *dx,
+                            float *dz, double *dw) {
+    int64_t G = d / gs;
+    float *buf = malloc((size_t)(3 * d) * sizeof(float));
+    if (!buf) return 1;
+    float *restrict s = buf, *restrict n = buf + d, *restrict dn = buf + 2 * d;
+    for (int64_t i = 0; i < rows; i++) {
+        const float *restrict xi = x + i * d, *restrict zi = z ? z + i * d : NULL;
+        const float *restrict di = dout + i * d;
+        if (z)
+            for (int64_t q = 0; q < d; q++) {
+                s[q] = sigmoid_f(zi[q]);
+                n[q] = xi[q] * (zi[q] * s[q]);
+            }
+        else
+            memcpy(n, xi, (size_t)d * sizeof(float));
+        for (int64_t q = 0; q < d; q++) dn[q] = di[q] * w[q];
+        for (int64_t g = 0; g < G; g++) {
+            float rg = r[i * G + g];
+            float *restrict ng = n + g * gs;
+            for (int64_t q = 0; q < gs; q++) ng[q] *= rg;
+            float mean = dot_f(dn + g * gs, ng, gs) / (float)gs;
+            float *restrict dng = dn + g * gs; /* becomes dxs */
+            for (int64_t q = 0; q < gs; q++) dng[q] = (dng[q] - ng[q] * mean) * rg;
+        }
+        float *restrict dxi = dx + i * d;
+        if (z) {
+            float *restrict dzi = dz + i * d;
+            for (int64_t q = 0; q < d; q++) {
+                dxi[q] = dn[q] * (zi[q] * s[q]);
+                dzi[q] = (dn[q] * xi[q]) * (s[q] * (1.0f + zi[q] * (1.0f - s[q])));
+            }
+        } else
+            memcpy(dxi, dn, (size_t)d * sizeof(float));
+        for (int64_t q = 0; q < d; q++) dw[q] += (double)di[q] * (double)n[q];
+    }
+    free(buf);
+    return 0;
+}

@@ -1,0 +1,147 @@
+"""Small C kernels for the CPU: built on first use by the system's C compiler, loaded
+with ctypes, and each one optional.
+
+A kernel here fuses a chain of elementwise passes that torch runs one tensor-wide pass at
+a time (`mamba2_cpu.c`: Mamba-2's depthwise conv + SiLU and its gated RMSNorm, forward and
+backward, one pass each instead of six to a dozen). Its torch form stays in the library as
+the reference, runs wherever the kernel does not (no compiler, CUDA tensors, other dtypes,
+torch.compile), and tests compare the two.
+
+    library("mamba2_cpu")   # a ctypes.CDLL, or None: use the torch form
+
+The shared library is cached in `aotlib.paths.cache_dir()/native`, under a name that
+hashes its source, the compiler and the flags, so an edit or a new machine rebuilds it
+(about 0.3 s). `AOTLIB_NATIVE=0` turns every kernel off; `CC` picks the compiler (default
+`cc`). A failed build warns once and falls back to the torch form.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from aotlib.paths import cache_dir
+
+_HERE = Path(__file__).parent
+_i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+# name: its functions' argument types (all return int: 0 on success)
+_SIGNATURES = {
+    "mamba2_cpu": {
+        # x, x's batch and row strides, w, bias, b, l, c, k, groups, widths, outputs
+        "causal_conv_silu_forward": [_ptr, _i64, _i64, _ptr, _ptr] + [_i64] * 5 + [_ptr, _ptr],
+        # ... the same, then douts, dx, dw, dbias
+        "causal_conv_silu_backward": [_ptr, _i64, _i64, _ptr, _ptr]
+        + [_i64] * 5
+        + [_ptr, _ptr, _ptr, _ptr, _ptr],
+        # x, z, weight, rows, d, group size, eps, out, r
+        "gated_rms_norm_forward": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _ptr, _ptr],
+        # x, z, weight, rows, d, group size, r, dout, dx, dz, dw
+        "gated_rms_norm_backward": [_ptr, _ptr, _ptr, _i64, _i64, _i64] + [_ptr] * 5,
+    },
+}
+_loaded: dict[str, ctypes.CDLL | None] = {}
+_lock = threading.Lock()
+
+
+_switched_off = 0  # depth of `off()` blocks
+
+
+def enabled() -> bool:
+    """Whether native kernels may be used (`AOTLIB_NATIVE=0` or an `off()` block says no)."""
+    return not _switched_off and os.environ.get("AOTLIB_NATIVE", "1") != "0"
+
+
+@contextlib.contextmanager
+def off() -> Iterator[None]:
+    """Run the torch forms inside this block (tests compare the two; benchmarks time the
+    torch forms next to the kernels as "eager_torch"). Not thread-local."""
+    global _switched_off
+    _switched_off += 1
+    try:
+        yield
+    finally:
+        _switched_off -= 1
+
+
+def flags() -> list[str]:
+    """The compiler flags: optimised, vectorised for this CPU's instruction set (as torch
+    reports it), and C's math without errno (so that nothing stops vectorisation)."""
+    arch = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}.get(
+        torch.backends.cpu.get_cpu_capability(), []
+    )
+    return ["-O3", "-fno-math-errno", "-fPIC", "-shared", *arch]
+
+
+def library(name: str) -> ctypes.CDLL | None:
+    """The kernel library `name` (a `<name>.c` beside this module), built if needed;
+    None where native kernels are off or it cannot be built."""
+    if not enabled():
+        return None
+    with _lock:
+        if name not in _loaded:
+            _loaded[name] = _build_and_load(name)
+        return _loaded[name]
+
+
+def _build_and_load(name: str) -> ctypes.CDLL | None:
+    source = _HERE / f"{name}.c"
+    compiler = os.environ.get("CC", "cc")
+    try:
+        path = _build(source, compiler)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", "") or str(err)
+        warnings.warn(
+            f"aotlib.native: could not build {source.name} with {compiler!r} ({detail.strip()}); "
+            "using the torch form instead (slower, same results)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    for fn, argtypes in _SIGNATURES[name].items():
+        getattr(lib, fn).argtypes = argtypes
+        getattr(lib, fn).restype = ctypes.c_int
+    return lib
+
+
+def _build(source: Path, compiler: str) -> Path:
+    """Compile `source` into the cache (once per source, compiler and flags)."""
+    exe = shutil.which(compiler)
+    if exe is None:
+        raise OSError(f"no C compiler {compiler!r} on PATH")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        "\0".join([source.read_text(), exe, version, *flags()]).encode()
+    ).hexdigest()[:16]
+    folder = cache_dir() / "native"
+    target = folder / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # built aside, then moved in whole
+        built = Path(tmp) / target.name
+        subprocess.run(
+            [exe, *flags(), str(source), "-o", str(built)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        os.replace(built, target)
+    return target
+
+
+def check(status: int, what: str) -> None:
+    """Raise if a kernel returned an error (it only fails to allocate its row buffers)."""
+    if status != 0:
+        raise MemoryError(f"aotlib.native: {what} could not allocate its buffers")

@@ -1,0 +1,176 @@
+"""`aotlib.native`'s C kernels (`aotlib/mamba2_cpu.c`) against their references: the conv +
+SiLU and the gated norm in float32 next to the float64 definitions (as close as the torch
+forms in float32 are), the switch that turns them off, the fallback when no compiler
+builds them, and a Mamba-2 training step with and without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import aotlib.mamba2
+from aotlib import native
+from aotlib.mamba2 import D_CONV, GatedRMSNorm, causal_conv_silu
+
+needs_kernels = pytest.mark.skipif(
+    native.library("mamba2_cpu") is None, reason="no C compiler built aotlib's kernels"
+)
+
+
+@pytest.fixture
+def library_calls(monkeypatch) -> list[str]:
+    """The names the Mamba-2 layers asked `aotlib.native` for (proof the kernel ran)."""
+    calls, real = [], native.library
+
+    def spy(name):
+        calls.append(name)
+        return real(name)
+
+    monkeypatch.setattr(native, "library", spy)
+    return calls
+
+
+def conv_reference(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """nn.Conv1d over (b, c, l) with padding k-1, the first l outputs, then SiLU."""
+    return F.silu(conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2))
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "b, l, sizes",
+    [(1, 1, [3]), (2, 3, [5]), (3, 4, [8, 2, 2]), (2, 37, [20, 7, 7]), (4, 64, [64, 16, 16])],
+)
+def test_native_conv_matches_the_float64_definition(library_calls, b, l, sizes) -> None:
+    """Outputs and every gradient within float32 rounding of nn.Conv1d + SiLU in float64,
+    for lengths below the kernel width, one step, channel counts that are no multiple of
+    the vector width, and a strided input (a slice of a wider tensor, as the block has)."""
+    torch.manual_seed(l)
+    c = sum(sizes)
+    conv64 = nn.Conv1d(c, c, D_CONV, groups=c, padding=D_CONV - 1).double()
+    wide = torch.randn(b, l, c + 5, dtype=torch.float64) * 2
+    douts = [torch.randn(b, l, s, dtype=torch.float64) for s in sizes]
+
+    def run(conv, dtype, fn):
+        src = wide.to(dtype).detach().requires_grad_(True)
+        conv.zero_grad()
+        parts = fn(src[..., 3 : 3 + c], conv)
+        torch.autograd.backward(list(parts), [d.to(dtype) for d in douts])
+        contiguous.append(all(p.is_contiguous() for p in parts))
+        return [torch.cat(parts, -1), src.grad, conv.weight.grad, conv.bias.grad]
+
+    contiguous = []
+
+    want = run(conv64, torch.float64, lambda x, cv: conv_reference(x, cv).split(sizes, -1))
+    conv32 = nn.Conv1d(c, c, D_CONV, groups=c, padding=D_CONV - 1)
+    conv32.load_state_dict(conv64.state_dict())
+    got = run(conv32, torch.float32, lambda x, cv: causal_conv_silu(x, cv, sizes))
+    assert "mamba2_cpu" in library_calls
+    assert contiguous[-1]  # one contiguous tensor per group of channels
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and g.shape == w.shape
+        assert rel_err(g, w) < 2e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "residual"])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_native_norm_matches_the_float64_definition(library_calls, groups, gated) -> None:
+    """The gated norm, and without z the residual stream's RMSNorm."""
+    torch.manual_seed(groups)
+    d = 48
+    x = torch.randn(3, 7, d, dtype=torch.float64)
+    wide = torch.randn(3, 7, d + 5, dtype=torch.float64) * 3  # z: a strided slice
+    weight = torch.rand(d, dtype=torch.float64) + 0.5
+    dout = torch.randn(3, 7, d, dtype=torch.float64)
+
+    def run(dtype, fn):
+        xr, zr, wr = (t.to(dtype).detach().requires_grad_(True) for t in (x, wide, weight))
+        out = fn(xr, zr[..., 2 : 2 + d] if gated else None, wr)
+        out.backward(dout.to(dtype))
+        return [out, xr.grad, wr.grad] + ([zr.grad] if gated else [])
+
+    def plain(x, z, w):
+        xs = (x if z is None else x * F.silu(z)).unflatten(-1, (groups, -1))
+        return (xs / torch.sqrt(xs.pow(2).mean(-1, keepdim=True) + 1e-5)).flatten(-2) * w
+
+    want = run(torch.float64, plain)
+    got = run(torch.float32, lambda x, z, w: GatedRMSNorm.apply(x, z, w, d // groups, 1e-5))
+    assert "mamba2_cpu" in library_calls
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and g.shape == w.shape
+        assert rel_err(g, w) < 2e-6
+
+
+def test_off_runs_the_torch_forms(library_calls) -> None:
+    conv = nn.Conv1d(6, 6, D_CONV, groups=6, padding=D_CONV - 1)
+    x = torch.randn(2, 5, 6)
+    with native.off():
+        assert not native.enabled()
+        y = causal_conv_silu(x, conv)
+        GatedRMSNorm.apply(x, torch.randn(2, 5, 6), torch.ones(6), 3, 1e-5)
+    assert library_calls == []
+    assert native.enabled() == (native.library("mamba2_cpu") is not None or native.enabled())
+    torch.testing.assert_close(y, conv_reference(x, conv), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_form_leaves_the_bias_alone_at_one_step() -> None:
+    """b = l = 1: the pre-activation must be a new tensor, not the bias (which
+    `expand(...).contiguous()` hands back as it is, and the taps then added into)."""
+    conv = nn.Conv1d(4, 4, D_CONV, groups=4, padding=D_CONV - 1)
+    bias = conv.bias.detach().clone()
+    with native.off(), torch.no_grad():
+        y = causal_conv_silu(torch.randn(1, 1, 4), conv)
+    assert torch.equal(conv.bias.detach(), bias)
+    assert y.shape == (1, 1, 4)
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "cache_dir", lambda: tmp_path)
+    with pytest.warns(RuntimeWarning, match="could not build"):
+        assert native.library("mamba2_cpu") is None
+    assert native.library("mamba2_cpu") is None  # decided once: no second warning
+    conv = nn.Conv1d(6, 6, D_CONV, groups=6, padding=D_CONV - 1)
+    x = torch.randn(2, 5, 6)
+    torch.testing.assert_close(causal_conv_silu(x, conv), conv_reference(x, conv))
+
+
+@needs_kernels
+def test_mamba2_step_with_and_without_kernels(library_calls) -> None:
+    """A Mamba-2 LM's loss and every gradient: the kernels change them only at float32
+    rounding (the numbers a training run stores move at that level, no more)."""
+    from aotlib.models import build_model, model_config
+
+    cfg = model_config("mamba2", "xs")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()  # no dropout: the same function twice
+    idx = torch.randint(cfg.vocab_size, (2, 40))
+
+    def grads():
+        model.zero_grad()
+        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, got = grads()
+    assert "mamba2_cpu" in library_calls
+    with native.off():
+        loss_ref, want = grads()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6 * w.abs().max().item())
+
+
+def test_kernels_skip_what_they_do_not_cover(library_calls) -> None:
+    """float64 tensors (and, by the same test, CUDA ones) take the torch forms."""
+    conv = nn.Conv1d(6, 6, D_CONV, groups=6, padding=D_CONV - 1).double()
+    causal_conv_silu(torch.randn(2, 5, 6, dtype=torch.float64), conv)
+    assert library_calls == []
+    assert aotlib.mamba2._native_library(torch.zeros(2, dtype=torch.float64)) is None
