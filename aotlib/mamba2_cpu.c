@@ -3,7 +3,7 @@
  * (aotlib.mamba2.GatedRMSNorm). They are the fast paths of those autograd Functions,
  * whose torch forms are the references (tests compare the two); aotlib.native builds and
  * loads this file. Every inner loop runs over contiguous channels with no branches, so
- * the compiler vectorizes it; exp is the polynomial below (libm's expf would not
+ * the compiler vectorizes it; exp is native_math.h's polynomial (libm's expf would not
  * vectorize). Sums over many rows (the weights' gradients) are kept in double.
  *
  * Causal conv + SiLU. x (b, l, c) with channels contiguous and rows at any stride,
@@ -31,26 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* exp(x) for float, within 2 ulp of expf over the range used (Cephes' polynomial on
- * x - n ln2, times 2^n built from its exponent bits); arguments are clamped to where
- * 2^n is a normal float, which only moves results that SiLU rounds to 0 or to x anyway. */
-static inline float exp_f(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float shift = 12582912.0f; /* 1.5 * 2^23: adding and subtracting it rounds */
-    float n = (x * 1.44269504088896341f + shift) - shift;
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } two_n;
-    two_n.i = ((int32_t)n + 127) << 23;
-    return p * two_n.f;
-}
+#include "native_math.h"
 
 /* a (c,) = bias + sum_j w_j x_{t-(k-1-j)} for row t of the sequence starting at xs */
 static void pre_activation(float *restrict a, const float *restrict xs, int64_t sxl,
@@ -134,19 +115,6 @@ int causal_conv_silu_backward(const float *x, int64_t sxb, int64_t sxl, const fl
     free(a);
     free(ring);
     return 0;
-}
-
-/* sum of a[q] b[q] over n floats, in 16 lanes (so that it vectorizes without reordering
- * licence from -ffast-math), lanes then added in order */
-static float dot_f(const float *restrict a, const float *restrict b, int64_t n) {
-    float lane[16] = {0};
-    int64_t q = 0;
-    for (; q + 16 <= n; q += 16)
-        for (int v = 0; v < 16; v++) lane[v] += a[q + v] * b[q + v];
-    float s = 0.0f;
-    for (; q < n; q++) s += a[q] * b[q];
-    for (int v = 0; v < 16; v++) s += lane[v];
-    return s;
 }
 
 static inline float sigmoid_f(float z) { return 1.0f / (1.0f + exp_f(-z)); }

@@ -73,6 +73,7 @@ from torch import nn
 
 # The config and the pieces every architecture shares live in their own modules, which
 # gpt.py, rnn.py and mamba2.py import; re-exported here under their old names.
+from aotlib import native
 from aotlib.layers import Dropout as Dropout
 from aotlib.layers import check_input as check_input
 from aotlib.layers import dropout_keep_mask as dropout_keep_mask
@@ -236,11 +237,25 @@ def _blocks(
     dh: torch.Tensor | None,
     dW: torch.Tensor | None,
 ) -> None:
-    """LinearCrossEntropy's loop: add each block's loss to `total`, write dh, add to dW."""
+    """LinearCrossEntropy's loop: add each block's loss to `total`, write dh, add to dW.
+    Float32 on the CPU, each block's softmax, loss and gradient are one C kernel's pass
+    (`aotlib/lm_head_cpu.c`, through `aotlib.native`), the torch form below elsewhere."""
     n = h.shape[0]
+    lib = _lm_head_kernel(h, Wf, targets)
+    loss = torch.zeros(1, dtype=torch.float64)  # the kernel's sum over every row
     for i in range(0, n, rows):
         hc, tc = h[i : i + rows].float(), targets[i : i + rows]  # (r, d), (r,)
         logits = hc @ Wf.t()  # (r, V)
+        if lib is not None:  # logits -> d(mean loss)/d logits, in place
+            status = lib.softmax_xent_rows(
+                logits.data_ptr(), tc.data_ptr(), len(tc), logits.shape[1], 1.0 / n,
+                loss.data_ptr(),
+            )  # fmt: skip
+            if status == 2:
+                raise IndexError(f"a target is outside the vocabulary of {logits.shape[1]}")
+            native.check(status, "softmax_xent_rows")
+            _add_block_gradients(logits, hc, Wf, dh, dW, i)
+            continue
         picked = logits.gather(1, tc[:, None])  # (r, 1) logit of each target
         # Stable log-sum-exp, keeping exp(logits - max) for the gradient: one exp pass.
         top = logits.amax(dim=-1, keepdim=True)  # (r, 1)
@@ -252,10 +267,29 @@ def _blocks(
         # d(mean loss)/d logits = (softmax - onehot) / n, built in place.
         g = e.mul_(1.0 / (z * n))  # (r, V)
         g[torch.arange(len(tc), device=g.device), tc] -= 1.0 / n
-        if dh is not None:
-            torch.mm(g, Wf, out=dh[i : i + rows])  # (r, d)
-        if dW is not None:
-            dW.addmm_(g.t(), hc)  # (V, d)
+        _add_block_gradients(g, hc, Wf, dh, dW, i)
+    if lib is not None:
+        total += loss.to(total.dtype).squeeze(0)
+
+
+def _add_block_gradients(g, hc, Wf, dh, dW, i: int) -> None:
+    """dh of the block's rows (from row i) = g Wf, dW += g^T hc; g (r, V) = d loss/d logits."""
+    if dh is not None:
+        torch.mm(g, Wf, out=dh[i : i + len(g)])  # (r, d)
+    if dW is not None:
+        dW.addmm_(g.t(), hc)  # (V, d)
+
+
+def _lm_head_kernel(h: torch.Tensor, Wf: torch.Tensor, targets: torch.Tensor):
+    """`lm_head_cpu.c` (through `aotlib.native`) for float32 CPU tensors and contiguous
+    int64 targets, outside torch.compile; else None."""
+    if torch.compiler.is_compiling() or not native.enabled():
+        return None
+    if h.device.type != "cpu" or Wf.device.type != "cpu" or h.dtype != torch.float32:
+        return None
+    if targets.dtype != torch.int64 or not targets.is_contiguous() or Wf.dtype != torch.float32:
+        return None
+    return native.library("lm_head_cpu")
 
 
 def fused_lm_loss(model: nn.Module, windows: torch.Tensor, rows: int | None = None) -> torch.Tensor:

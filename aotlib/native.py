@@ -2,10 +2,12 @@
 with ctypes, and each one optional.
 
 A kernel here fuses a chain of elementwise passes that torch runs one tensor-wide pass at
-a time (`mamba2_cpu.c`: Mamba-2's depthwise conv + SiLU and its gated RMSNorm, forward and
-backward, one pass each instead of six to a dozen). Its torch form stays in the library as
-the reference, runs wherever the kernel does not (no compiler, CUDA tensors, other dtypes,
-torch.compile), and tests compare the two.
+a time: `mamba2_cpu.c`, Mamba-2's depthwise conv + SiLU and its RMSNorms, forward and
+backward, one pass each instead of six to a dozen; `lm_head_cpu.c`, the softmax
+cross-entropy of a block of logits and its gradient, in place (`native_math.h` holds their
+vectorizable exp). Each kernel's torch form stays in the library as the reference, runs
+wherever the kernel does not (no compiler, CUDA tensors, other dtypes, torch.compile), and
+tests compare the two.
 
     library("mamba2_cpu")   # a ctypes.CDLL, or None: use the torch form
 
@@ -48,6 +50,10 @@ _SIGNATURES = {
         "gated_rms_norm_forward": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _ptr, _ptr],
         # x, z, weight, rows, d, group size, r, dout, dx, dz, dw
         "gated_rms_norm_backward": [_ptr, _ptr, _ptr, _i64, _i64, _i64] + [_ptr] * 5,
+    },
+    "lm_head_cpu": {
+        # logits (in place), targets, rows, V, scale, the loss sum (one double)
+        "softmax_xent_rows": [_ptr, _ptr, _i64, _i64, _f32, _ptr],
     },
 }
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -121,9 +127,8 @@ def _build(source: Path, compiler: str) -> Path:
     if exe is None:
         raise OSError(f"no C compiler {compiler!r} on PATH")
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(
-        "\0".join([source.read_text(), exe, version, *flags()]).encode()
-    ).hexdigest()[:16]
+    texts = [p.read_text() for p in [source, *sorted(source.parent.glob("*.h"))]]
+    key = hashlib.sha256("\0".join([*texts, exe, version, *flags()]).encode()).hexdigest()[:16]
     folder = cache_dir() / "native"
     target = folder / f"{source.stem}-{key}.so"
     if target.exists():
@@ -132,7 +137,7 @@ def _build(source: Path, compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=folder) as tmp:  # built aside, then moved in whole
         built = Path(tmp) / target.name
         subprocess.run(
-            [exe, *flags(), str(source), "-o", str(built)],
+            [exe, *flags(), f"-I{source.parent}", str(source), "-o", str(built)],
             check=True,
             capture_output=True,
             text=True,

@@ -1,7 +1,8 @@
-"""`aotlib.native`'s C kernels (`aotlib/mamba2_cpu.c`) against their references: the conv +
-SiLU and the gated norm in float32 next to the float64 definitions (as close as the torch
-forms in float32 are), the switch that turns them off, the fallback when no compiler
-builds them, and a Mamba-2 training step with and without them."""
+"""`aotlib.native`'s C kernels against their references: Mamba-2's conv + SiLU and norms
+(`aotlib/mamba2_cpu.c`) and the LM head's softmax cross-entropy (`aotlib/lm_head_cpu.c`)
+in float32 next to the float64 definitions (as close as the torch forms in float32 are),
+the switch that turns them off, the fallback when no compiler builds them, and a Mamba-2
+training step with and without them."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from torch import nn
 import aotlib.mamba2
 from aotlib import native
 from aotlib.mamba2 import D_CONV, GatedRMSNorm, causal_conv_silu
+from aotlib.models import linear_cross_entropy
 
 needs_kernels = pytest.mark.skipif(
-    native.library("mamba2_cpu") is None, reason="no C compiler built aotlib's kernels"
+    native.library("mamba2_cpu") is None or native.library("lm_head_cpu") is None,
+    reason="no C compiler built aotlib's kernels",
 )
 
 
@@ -107,6 +110,40 @@ def test_native_norm_matches_the_float64_definition(library_calls, groups, gated
         assert rel_err(g, w) < 2e-6
 
 
+@needs_kernels
+@pytest.mark.parametrize("n, V, rows", [(45, 70, 7), (64, 4096, 32), (9, 17, 1000)])
+def test_native_cross_entropy_matches_the_float64_definition(library_calls, n, V, rows) -> None:
+    """`linear_cross_entropy` (mean loss, dh, dW) against F.cross_entropy of the full
+    logits in float64; vocabularies that are and are not multiples of the vector width,
+    logits large enough that exp(l - max) underflows for most of a row."""
+    gen = torch.Generator().manual_seed(V)
+    h = torch.randn(n, 16, generator=gen, dtype=torch.float64) * 3
+    W = torch.randn(V, 16, generator=gen, dtype=torch.float64) * 3
+    tgt = torch.randint(V, (n,), generator=gen)
+
+    def run(dtype, fn):
+        hr, Wr = (t.to(dtype).detach().requires_grad_(True) for t in (h, W))
+        out = fn(hr, Wr)
+        (2 * out).backward()  # a non-unit upstream gradient
+        return [out, hr.grad, Wr.grad]
+
+    want = run(torch.float64, lambda h, W: F.cross_entropy(h @ W.t(), tgt))
+    got = run(torch.float32, lambda h, W: linear_cross_entropy(h, W, tgt, rows))
+    assert "lm_head_cpu" in library_calls
+    with native.off():  # the torch form's float32 error (~2.4e-6 at V = 4096: the matmuls')
+        torch_form = run(torch.float32, lambda h, W: linear_cross_entropy(h, W, tgt, rows))
+    for g, t, w in zip(got, torch_form, want):
+        assert g.dtype == torch.float32
+        assert rel_err(g, w) < max(1.25 * rel_err(t, w), 1e-6)
+
+
+@needs_kernels
+def test_native_cross_entropy_rejects_a_target_outside_the_vocabulary() -> None:
+    h, W = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        linear_cross_entropy(h, W, torch.tensor([0, 3, 10, 1]))
+
+
 def test_off_runs_the_torch_forms(library_calls) -> None:
     conv = nn.Conv1d(6, 6, D_CONV, groups=6, padding=D_CONV - 1)
     x = torch.randn(2, 5, 6)
@@ -114,6 +151,7 @@ def test_off_runs_the_torch_forms(library_calls) -> None:
         assert not native.enabled()
         y = causal_conv_silu(x, conv)
         GatedRMSNorm.apply(x, torch.randn(2, 5, 6), torch.ones(6), 3, 1e-5)
+        linear_cross_entropy(x.view(10, 6), torch.randn(11, 6), torch.arange(10))
     assert library_calls == []
     assert native.enabled() == (native.library("mamba2_cpu") is not None or native.enabled())
     torch.testing.assert_close(y, conv_reference(x, conv), rtol=1e-5, atol=1e-6)
