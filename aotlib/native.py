@@ -80,13 +80,14 @@ def off() -> Iterator[None]:
         _switched_off -= 1
 
 
-def flags() -> list[str]:
+def flags(arch: bool = True) -> list[str]:
     """The compiler flags: optimised, vectorised for this CPU's instruction set (as torch
-    reports it), and C's math without errno (so that nothing stops vectorisation)."""
-    arch = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}.get(
-        torch.backends.cpu.get_cpu_capability(), []
-    )
-    return ["-O3", "-fno-math-errno", "-fPIC", "-shared", *arch]
+    reports it; `arch` False: the compiler's baseline, for one that does not know the
+    x86-64-v3/v4 levels), and C's math without errno (so that nothing stops
+    vectorisation)."""
+    level = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
+    march = level.get(torch.backends.cpu.get_cpu_capability(), []) if arch else []
+    return ["-O3", "-fno-math-errno", "-fPIC", "-shared", *march]
 
 
 def library(name: str) -> ctypes.CDLL | None:
@@ -122,28 +123,28 @@ def _build_and_load(name: str) -> ctypes.CDLL | None:
 
 
 def _build(source: Path, compiler: str) -> Path:
-    """Compile `source` into the cache (once per source, compiler and flags)."""
+    """Compile `source` into the cache (once per source, compiler and flags): for this
+    CPU's instruction set, or if the compiler refuses that, for its baseline."""
     exe = shutil.which(compiler)
     if exe is None:
         raise OSError(f"no C compiler {compiler!r} on PATH")
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
     texts = [p.read_text() for p in [source, *sorted(source.parent.glob("*.h"))]]
-    key = hashlib.sha256("\0".join([*texts, exe, version, *flags()]).encode()).hexdigest()[:16]
-    folder = cache_dir() / "native"
-    target = folder / f"{source.stem}-{key}.so"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # built aside, then moved in whole
-        built = Path(tmp) / target.name
-        subprocess.run(
-            [exe, *flags(), f"-I{source.parent}", str(source), "-o", str(built)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        os.replace(built, target)
-    return target
+    for arch in (True, False):
+        opts = flags(arch)
+        key = hashlib.sha256("\0".join([*texts, exe, version, *opts]).encode()).hexdigest()
+        target = cache_dir() / "native" / f"{source.stem}-{key[:16]}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, moved in
+            built = Path(tmp) / target.name
+            cmd = [exe, *opts, f"-I{source.parent}", str(source), "-o", str(built)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode == 0:
+                os.replace(built, target)
+                return target
+    raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr)
 
 
 def check(status: int, what: str) -> None:

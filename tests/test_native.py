@@ -181,6 +181,27 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path) -> None:
 
 
 @needs_kernels
+def test_a_compiler_without_the_cpu_level_builds_for_its_baseline(monkeypatch, tmp_path) -> None:
+    """A compiler that refuses -march=x86-64-v3/v4 (older ones) still builds the kernels."""
+    import shutil
+
+    old_cc = tmp_path / "old-cc"
+    old_cc.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do case "$a" in -march=*) echo "unknown march" >&2; exit 1;; esac; done\n'
+        f'exec {shutil.which("cc")} "$@"\n'
+    )
+    old_cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(old_cc))
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "cache_dir", lambda: tmp_path)
+    assert native.library("lm_head_cpu") is not None
+    assert len(list((tmp_path / "native").glob("lm_head_cpu-*.so"))) == 1
+    h, W, tgt = torch.randn(6, 8), torch.randn(20, 8), torch.randint(20, (6,))
+    torch.testing.assert_close(linear_cross_entropy(h, W, tgt), F.cross_entropy(h @ W.t(), tgt))
+
+
+@needs_kernels
 def test_mamba2_step_with_and_without_kernels(library_calls) -> None:
     """A Mamba-2 LM's loss and every gradient: the kernels change them only at float32
     rounding (the numbers a training run stores move at that level, no more)."""
