@@ -233,3 +233,18 @@ def test_kernels_skip_what_they_do_not_cover(library_calls) -> None:
     causal_conv_silu(torch.randn(2, 5, 6, dtype=torch.float64), conv)
     assert library_calls == []
     assert aotlib.mamba2._native_library(torch.zeros(2, dtype=torch.float64)) is None
+
+
+@needs_kernels
+def test_bench_native_times_every_kernel_against_its_torch_form(capsys, library_calls) -> None:
+    """`python -m aotlib.bench native` runs each case both ways and prints one row per
+    case, with the two forms' largest difference at float32 rounding."""
+    from aotlib.bench import native as bench
+
+    assert bench.main(["--rounds", "1"]) == 0
+    rows = [
+        line for line in capsys.readouterr().out.splitlines() if "(" in line and "ms" not in line
+    ]
+    assert len(rows) == len(bench.CASES)
+    assert all(float(row.split()[-1]) < 1e-5 for row in rows)
+    assert {"mamba2_cpu", "lm_head_cpu"} <= set(library_calls)

@@ -12,6 +12,7 @@ BENCHMARKS = {
     "gpu": "aotlib.bench.gpu",
     "train": "aotlib.bench.train",
     "against": "aotlib.bench.against",
+    "native": "aotlib.bench.native",
 }
 
 
