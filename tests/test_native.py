@@ -45,17 +45,19 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @needs_kernels
+@pytest.mark.parametrize("k", [D_CONV, 3], ids=["k4", "k3"])  # Mamba-2's, and the general loop
 @pytest.mark.parametrize(
     "b, l, sizes",
     [(1, 1, [3]), (2, 3, [5]), (3, 4, [8, 2, 2]), (2, 37, [20, 7, 7]), (4, 64, [64, 16, 16])],
 )
-def test_native_conv_matches_the_float64_definition(library_calls, b, l, sizes) -> None:
+def test_native_conv_matches_the_float64_definition(library_calls, b, l, sizes, k) -> None:
     """Outputs and every gradient within float32 rounding of nn.Conv1d + SiLU in float64,
     for lengths below the kernel width, one step, channel counts that are no multiple of
-    the vector width, and a strided input (a slice of a wider tensor, as the block has)."""
+    the vector width, and a strided input (a slice of a wider tensor, as the block has);
+    the kernel's own loop for Mamba-2's width 4 and its general one."""
     torch.manual_seed(l)
     c = sum(sizes)
-    conv64 = nn.Conv1d(c, c, D_CONV, groups=c, padding=D_CONV - 1).double()
+    conv64 = nn.Conv1d(c, c, k, groups=c, padding=k - 1).double()
     wide = torch.randn(b, l, c + 5, dtype=torch.float64) * 2
     douts = [torch.randn(b, l, s, dtype=torch.float64) for s in sizes]
 
@@ -70,7 +72,7 @@ def test_native_conv_matches_the_float64_definition(library_calls, b, l, sizes) 
     contiguous = []
 
     want = run(conv64, torch.float64, lambda x, cv: conv_reference(x, cv).split(sizes, -1))
-    conv32 = nn.Conv1d(c, c, D_CONV, groups=c, padding=D_CONV - 1)
+    conv32 = nn.Conv1d(c, c, k, groups=c, padding=k - 1)
     conv32.load_state_dict(conv64.state_dict())
     got = run(conv32, torch.float32, lambda x, cv: causal_conv_silu(x, cv, sizes))
     assert "mamba2_cpu" in library_calls
