@@ -59,7 +59,7 @@ class CausalConvSiLU(torch.autograd.Function):
 
     Float32 on the CPU, both directions run as one pass of a C kernel
     (`aotlib/mamba2_cpu.c`, through `aotlib.native`), which reads x in place and
-    recomputes the pre-activation in the backward: forward + backward in 0.74-0.77x the
+    recomputes the pre-activation in the backward: forward + backward in 0.54-0.61x the
     time of the torch form below (`python -m aotlib.bench native`), which stays as the
     reference and runs everywhere else.
     """
@@ -195,7 +195,7 @@ class GatedRMSNorm(torch.autograd.Function):
 
     Float32 on the CPU, each direction is one pass of a C kernel (`aotlib/mamba2_cpu.c`),
     which keeps only r and recomputes the gate and n in the backward: forward + backward in
-    0.46-0.48x the time of the torch form below (`python -m aotlib.bench native`; 0.51-0.57x
+    0.43-0.54x the time of the torch form below (`python -m aotlib.bench native`; 0.51-0.63x
     without the gate), the reference, which runs everywhere else.
     """
 
