@@ -207,6 +207,7 @@ class GatedRMSNorm(torch.autograd.Function):
         ctx.lib = lib
         if lib is not None:
             x, z = x.contiguous(), None if z is None else z.contiguous()
+            weight = weight.contiguous()
             d = x.shape[-1]
             out = torch.empty_like(x)
             r = x.new_empty(*x.shape[:-1], d // group_size)  # (..., G)
