@@ -57,8 +57,8 @@ class CausalConvSiLU(torch.autograd.Function):
     Backward: with da = dout SiLU'(a), dx_t = sum_j w_j da_{t+k-1-j},
     dw_j = sum_{b,t} da_t x_{t-(k-1-j)}, dbias = sum_{b,t} da_t.
 
-    Float32 on the CPU, both directions run as one pass of a C kernel
-    (`aotlib/mamba2_cpu.c`, through `aotlib.native`), which reads x in place and
+    Float32 on the CPU and at Mamba-2's width 4, both directions run as one pass of a C
+    kernel (`aotlib/mamba2_cpu.c`, through `aotlib.native`), which reads x in place and
     recomputes the pre-activation in the backward: forward + backward in 0.54-0.61x the
     time of the torch form below (`python -m aotlib.bench native`), which stays as the
     reference and runs everywhere else.
@@ -114,21 +114,11 @@ class CausalConvSiLU(torch.autograd.Function):
 
 
 def _native_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
-    """`mamba2_cpu.c`'s conv (through `aotlib.native`) where it applies: float32 CPU
-    tensors with contiguous channels; else None."""
-    if x.stride(-1) != 1 or not bias.is_contiguous():
+    """`mamba2_cpu.c`'s conv where it applies: Mamba-2's width 4, contiguous channels, and
+    what `native.kernels_for` asks; else None."""
+    if weight.shape[1] != 4 or x.stride(-1) != 1 or not bias.is_contiguous():
         return None
-    return _native_library(x, weight, bias)
-
-
-def _native_library(*tensors: torch.Tensor):
-    """`aotlib.native`'s Mamba-2 kernels for these tensors, if they are all float32 on the
-    CPU and torch.compile is not tracing (it traces the torch forms); else None."""
-    if torch.compiler.is_compiling() or not native.enabled():
-        return None
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return None
-    return native.library("mamba2_cpu")
+    return native.kernels_for("mamba2_cpu", x, weight, bias)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -139,14 +129,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def _native_forward(ctx, lib, x, weight, bias, sizes):
     """CausalConvSiLU.forward by the C kernel: one pass over x, one output per group."""
     b, l, c = x.shape
-    k = weight.shape[1]
-    w = weight.t().contiguous()  # (k, c)
+    w = weight.t().contiguous()  # (4, c)
     outs = [x.new_empty(b, l, s) for s in sizes]  # each contiguous
     widths = (ctypes.c_int64 * len(sizes))(*sizes)
     ptrs = (ctypes.c_void_p * len(outs))(*[o.data_ptr() for o in outs])
     status = lib.causal_conv_silu_forward(
         x.data_ptr(), x.stride(0), x.stride(1), w.data_ptr(), bias.data_ptr(),
-        b, l, c, k, len(sizes), widths, ptrs,
+        b, l, c, len(sizes), widths, ptrs,
     )  # fmt: skip
     native.check(status, "causal_conv_silu_forward")
     ctx.save_for_backward(x, w, bias)
@@ -158,16 +147,15 @@ def _native_backward(ctx, *douts):
     """CausalConvSiLU.backward by the C kernel: a_t recomputed from x, one pass."""
     x, w, bias = ctx.saved_tensors
     b, l, c = x.shape
-    k = w.shape[0]
     douts = [d.contiguous() for d in douts]
     dx = x.new_empty(b, l, c)
-    dw = torch.zeros(k, c, dtype=torch.float64)  # summed in double, returned as float
+    dw = torch.zeros(w.shape, dtype=torch.float64)  # summed in double, returned as float
     dbias = torch.zeros(c, dtype=torch.float64)
     widths = (ctypes.c_int64 * len(ctx.sizes))(*ctx.sizes)
     ptrs = (ctypes.c_void_p * len(douts))(*[d.data_ptr() for d in douts])
     status = ctx.lib.causal_conv_silu_backward(
         x.data_ptr(), x.stride(0), x.stride(1), w.data_ptr(), bias.data_ptr(),
-        b, l, c, k, len(douts), widths, ptrs, dx.data_ptr(), dw.data_ptr(), dbias.data_ptr(),
+        b, l, c, len(douts), widths, ptrs, dx.data_ptr(), dw.data_ptr(), dbias.data_ptr(),
     )  # fmt: skip
     native.check(status, "causal_conv_silu_backward")
     return dx, dw.to(x.dtype).t(), dbias.to(bias.dtype), None
@@ -203,7 +191,7 @@ class GatedRMSNorm(torch.autograd.Function):
     def forward(ctx, x, z, weight, group_size: int, eps: float):
         if x.shape[-1] % group_size:
             raise ValueError(f"{x.shape[-1]} channels do not split into groups of {group_size}")
-        lib = _native_library(x, weight, *([] if z is None else [z]))
+        lib = native.kernels_for("mamba2_cpu", x, weight, *([] if z is None else [z]))
         ctx.lib = lib
         if lib is not None:
             x, z = x.contiguous(), None if z is None else z.contiguous()

@@ -281,15 +281,11 @@ def _add_block_gradients(g, hc, Wf, dh, dW, i: int) -> None:
 
 
 def _lm_head_kernel(h: torch.Tensor, Wf: torch.Tensor, targets: torch.Tensor):
-    """`lm_head_cpu.c` (through `aotlib.native`) for float32 CPU tensors and contiguous
-    int64 targets, outside torch.compile; else None."""
-    if torch.compiler.is_compiling() or not native.enabled():
+    """`lm_head_cpu.c` for contiguous int64 targets and what `native.kernels_for` asks of
+    h and Wf; else None."""
+    if targets.dtype != torch.int64 or not targets.is_contiguous():
         return None
-    if h.device.type != "cpu" or Wf.device.type != "cpu" or h.dtype != torch.float32:
-        return None
-    if targets.dtype != torch.int64 or not targets.is_contiguous() or Wf.dtype != torch.float32:
-        return None
-    return native.library("lm_head_cpu")
+    return native.kernels_for("lm_head_cpu", h, Wf)
 
 
 def fused_lm_loss(model: nn.Module, windows: torch.Tensor, rows: int | None = None) -> torch.Tensor:

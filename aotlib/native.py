@@ -40,12 +40,10 @@ _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 # name: its functions' argument types (all return int: 0 on success)
 _SIGNATURES = {
     "mamba2_cpu": {
-        # x, x's batch and row strides, w, bias, b, l, c, k, groups, widths, outputs
-        "causal_conv_silu_forward": [_ptr, _i64, _i64, _ptr, _ptr] + [_i64] * 5 + [_ptr, _ptr],
+        # x, x's batch and row strides, w (4, c), bias, b, l, c, groups, widths, outputs
+        "causal_conv_silu_forward": [_ptr, _i64, _i64, _ptr, _ptr] + [_i64] * 4 + [_ptr, _ptr],
         # ... the same, then douts, dx, dw, dbias
-        "causal_conv_silu_backward": [_ptr, _i64, _i64, _ptr, _ptr]
-        + [_i64] * 5
-        + [_ptr, _ptr, _ptr, _ptr, _ptr],
+        "causal_conv_silu_backward": [_ptr, _i64, _i64, _ptr, _ptr] + [_i64] * 4 + [_ptr] * 5,
         # x, z, weight, rows, d, group size, eps, out, r
         "gated_rms_norm_forward": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _ptr, _ptr],
         # x, z, weight, rows, d, group size, r, dout, dx, dz, dw
@@ -88,6 +86,16 @@ def flags(arch: bool = True) -> list[str]:
     level = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
     march = level.get(torch.backends.cpu.get_cpu_capability(), []) if arch else []
     return ["-O3", "-fno-math-errno", "-fPIC", "-shared", *march]
+
+
+def kernels_for(name: str, *tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """`library(name)` for these tensors: where they are all float32 on the CPU and
+    torch.compile is not tracing (it traces the torch forms); else None."""
+    if torch.compiler.is_compiling() or not enabled():
+        return None
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    return library(name)
 
 
 def library(name: str) -> ctypes.CDLL | None:

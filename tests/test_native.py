@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import aotlib.mamba2
 from aotlib import native
 from aotlib.mamba2 import D_CONV, GatedRMSNorm, causal_conv_silu
 from aotlib.models import linear_cross_entropy
@@ -45,16 +44,15 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @needs_kernels
-@pytest.mark.parametrize("k", [D_CONV, 3], ids=["k4", "k3"])  # Mamba-2's, and the general loop
 @pytest.mark.parametrize(
     "b, l, sizes",
     [(1, 1, [3]), (2, 3, [5]), (3, 4, [8, 2, 2]), (2, 37, [20, 7, 7]), (4, 64, [64, 16, 16])],
 )
-def test_native_conv_matches_the_float64_definition(library_calls, b, l, sizes, k) -> None:
+def test_native_conv_matches_the_float64_definition(library_calls, b, l, sizes) -> None:
     """Outputs and every gradient within float32 rounding of nn.Conv1d + SiLU in float64,
     for lengths below the kernel width, one step, channel counts that are no multiple of
-    the vector width, and a strided input (a slice of a wider tensor, as the block has);
-    the kernel's own loop for Mamba-2's width 4 and its general one."""
+    the vector width, and a strided input (a slice of a wider tensor, as the block has)."""
+    k = D_CONV  # the kernel's width (Mamba-2's); others take the torch form, tested below
     torch.manual_seed(l)
     c = sum(sizes)
     conv64 = nn.Conv1d(c, c, k, groups=c, padding=k - 1).double()
@@ -149,13 +147,14 @@ def test_native_cross_entropy_rejects_a_target_outside_the_vocabulary() -> None:
 def test_off_runs_the_torch_forms(library_calls) -> None:
     conv = nn.Conv1d(6, 6, D_CONV, groups=6, padding=D_CONV - 1)
     x = torch.randn(2, 5, 6)
+    enabled_before = native.enabled()
     with native.off():
         assert not native.enabled()
         y = causal_conv_silu(x, conv)
         GatedRMSNorm.apply(x, torch.randn(2, 5, 6), torch.ones(6), 3, 1e-5)
         linear_cross_entropy(x.view(10, 6), torch.randn(11, 6), torch.arange(10))
     assert library_calls == []
-    assert native.enabled() == (native.library("mamba2_cpu") is not None or native.enabled())
+    assert native.enabled() == enabled_before  # the block ends, the kernels are back
     torch.testing.assert_close(y, conv_reference(x, conv), rtol=1e-5, atol=1e-6)
 
 
@@ -234,7 +233,21 @@ def test_kernels_skip_what_they_do_not_cover(library_calls) -> None:
     conv = nn.Conv1d(6, 6, D_CONV, groups=6, padding=D_CONV - 1).double()
     causal_conv_silu(torch.randn(2, 5, 6, dtype=torch.float64), conv)
     assert library_calls == []
-    assert aotlib.mamba2._native_library(torch.zeros(2, dtype=torch.float64)) is None
+    assert native.kernels_for("mamba2_cpu", torch.zeros(2, dtype=torch.float64)) is None
+
+
+def test_other_conv_widths_take_the_torch_form(library_calls) -> None:
+    """The kernel is Mamba-2's width 4; a width-3 conv runs (and is right) in torch."""
+    conv = nn.Conv1d(6, 6, 3, groups=6, padding=2)
+    x = torch.randn(2, 9, 6, requires_grad=True)
+    y = causal_conv_silu(x, conv)
+    y.backward(torch.ones_like(y))
+    assert library_calls == []
+    x2 = x.detach().clone().requires_grad_(True)
+    want = conv_reference(x2, conv)
+    torch.testing.assert_close(y, want)
+    want.backward(torch.ones_like(want))
+    torch.testing.assert_close(x.grad, x2.grad)
 
 
 @needs_kernels

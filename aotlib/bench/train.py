@@ -40,9 +40,10 @@ Variants, timed interleaved:
   logits of a batch never travel to memory;
 - eager: the same without torch.compile (no compile time; `aotlib.models.fused_lm_loss`);
 - plain: what a textbook loop does: model(inputs) -> logits -> F.cross_entropy;
-- eager_torch (not run by default): "eager" with `aotlib.native`'s C kernels off (for
-  Mamba-2 the conv + SiLU and the gated norm then run as their torch forms, as where no C
-  compiler is found): `--variants eager eager_torch` times what the kernels buy;
+- eager_torch (not run by default): "eager" with `aotlib.native`'s C kernels off (the LM
+  head's loss, and for Mamba-2 the conv + SiLU and the norms, then run as their torch
+  forms, as where no C compiler is found): `--variants eager eager_torch` times what the
+  kernels buy;
 - eager_before (Mamba-2 only, not run by default): "eager" as Mamba-2 trained before
   issue 15: the SSD's chunked path differentiated by autograd through its steps (not the
   written-out backward of `aotlib.ssd_grad`), the conv as nn.Conv1d then F.silu (not
