@@ -121,11 +121,6 @@ def _native_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
     return native.kernels_for("mamba2_cpu", x, weight, bias)
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    """A tensor's address for a C kernel; None (NULL) for no tensor."""
-    return None if t is None else t.data_ptr()
-
-
 def _native_forward(ctx, lib, x, weight, bias, sizes):
     """CausalConvSiLU.forward by the C kernel: one pass over x, one output per group."""
     b, l, c = x.shape
@@ -200,7 +195,7 @@ class GatedRMSNorm(torch.autograd.Function):
             out = torch.empty_like(x)
             r = x.new_empty(*x.shape[:-1], d // group_size)  # (..., G)
             status = lib.gated_rms_norm_forward(
-                x.data_ptr(), _ptr(z), weight.data_ptr(), x.numel() // d, d, group_size,
+                x.data_ptr(), native.ptr(z), weight.data_ptr(), x.numel() // d, d, group_size,
                 eps, out.data_ptr(), r.data_ptr(),
             )  # fmt: skip
             native.check(status, "gated_rms_norm_forward")
@@ -223,8 +218,8 @@ class GatedRMSNorm(torch.autograd.Function):
             dx, dz = torch.empty_like(x), None if z is None else torch.empty_like(z)
             dw = torch.zeros(d, dtype=torch.float64)
             status = ctx.lib.gated_rms_norm_backward(
-                x.data_ptr(), _ptr(z), weight.data_ptr(), x.numel() // d, d,
-                ctx.group_size, r.data_ptr(), dout.data_ptr(), dx.data_ptr(), _ptr(dz),
+                x.data_ptr(), native.ptr(z), weight.data_ptr(), x.numel() // d, d,
+                ctx.group_size, r.data_ptr(), dout.data_ptr(), dx.data_ptr(), native.ptr(dz),
                 dw.data_ptr(),
             )  # fmt: skip
             native.check(status, "gated_rms_norm_backward")

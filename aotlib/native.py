@@ -3,7 +3,8 @@ with ctypes, and each one optional.
 
 A kernel here fuses a chain of elementwise passes that torch runs one tensor-wide pass at
 a time: `mamba2_cpu.c`, Mamba-2's depthwise conv + SiLU and its RMSNorms, forward and
-backward, one pass each instead of six to a dozen; `lm_head_cpu.c`, the softmax
+backward, one pass each instead of six to a dozen; `ssd_cpu.c`, the chunked SSD's masked
+decay matrices and their backward, one pass per (chunk, head) tile; `lm_head_cpu.c`, the softmax
 cross-entropy of a block of logits and its gradient, in place (`native_math.h` holds their
 vectorizable exp). Each kernel's torch form stays in the library as the reference, runs
 wherever the kernel does not (no compiler, CUDA tensors, other dtypes, torch.compile), and
@@ -48,6 +49,13 @@ _SIGNATURES = {
         "gated_rms_norm_forward": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _ptr, _ptr],
         # x, z, weight, rows, d, group size, r, dout, dx, dz, dw
         "gated_rms_norm_backward": [_ptr, _ptr, _ptr, _i64, _i64, _i64] + [_ptr] * 5,
+    },
+    "ssd_cpu": {
+        # dA, dt (or NULL), into, out, between, their chunk strides, C B^T, D (or NULL),
+        # K, h, g, Q, R, M
+        "ssd_masked_decay": [_ptr] * 5 + [_i64] * 2 + [_ptr] * 2 + [_i64] * 5 + [_ptr],
+        # dA, into, out, between, their chunk strides, C B^T, dP, K, h, g, Q, R, d(C B^T), dcs
+        "ssd_masked_decay_backward": [_ptr] * 4 + [_i64] * 2 + [_ptr] * 2 + [_i64] * 5 + [_ptr] * 2,
     },
     "lm_head_cpu": {
         # logits (in place), targets, rows, V, scale, the loss sum (one double)
@@ -153,6 +161,11 @@ def _build(source: Path, compiler: str) -> Path:
                 os.replace(built, target)
                 return target
     raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr)
+
+
+def ptr(t: torch.Tensor | None) -> int | None:
+    """A tensor's address for a C kernel; None (NULL) for no tensor."""
+    return None if t is None else t.data_ptr()
 
 
 def check(status: int, what: str) -> None:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aotlib import native
+
 # ---------------------------------------------------------------------------
 # Form 3: the chunked algorithm (the paper's 4 steps)
 #
@@ -250,6 +252,78 @@ def diagonal_blocks(
     if D is not None:
         M.diagonal(dim1=-2, dim2=-1).add_(D[:, None])
     return _matmul(M, x_h, out)
+
+
+def masked_decay(
+    lib, dec: ChunkDecays, CB: Tensor, D: Tensor | None, out: Tensor, with_dt: bool = True
+) -> Tensor:
+    """M = L o tril(C B^T) diag(dt) + diag(D) for each chunk and head, (K, h, Q, Q), by the
+    C kernel `lib` (`ssd_kernels`) into `out`, one pass per (chunk, head): the matrix that
+    `diagonal_blocks` multiplies x by, built from the same sub-chunk decays as
+    `decay_matrix` (its torch form). `with_dt` False: dt = 1 (the backward's P, which
+    multiplies dt x); D None: no skip connection.
+
+    dec: a block's decays (K, ...) (`ChunkDecays.block`: each chunk's part contiguous, a
+    run of chunks or every c-th); CB (K, g, Q, Q).
+    """
+    K, h, nI, R = dec.into.shape
+    sk, sb = _block_strides(dec)
+    outs = dec.out_dt if with_dt else dec.out
+    D = None if D is None else D.contiguous()
+    native.check(
+        lib.ssd_masked_decay(
+            dec.dA.data_ptr(), dec.dt.data_ptr() if with_dt else None, dec.into.data_ptr(),
+            outs.data_ptr(), dec.between.data_ptr(), sk, sb, CB.contiguous().data_ptr(),
+            native.ptr(D), K, h, CB.shape[1], nI * R, R, out.data_ptr(),
+        ),
+        "ssd_masked_decay",
+    )  # fmt: skip
+    return out
+
+
+def masked_decay_backward(
+    lib, dec: ChunkDecays, CB: Tensor, dP: Tensor, dCB: Tensor, dcs: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The gradients reaching C B^T and L's exponents from dP (K, h, Q, Q), the gradient of
+    P = L o tril(C B^T), by the C kernel `lib` (`ssd_kernels`), one pass per (chunk,
+    head), L rebuilt from the block's decays `dec` as in `masked_decay`:
+
+        dCB (K, g, Q, Q) = tril(sum over each group's heads of dP o L)
+        dcs (K, h, Q)    = row sums - column sums of Z = dP o L o tril(C B^T)
+
+    (`aotlib.ssd_grad` carries dcs on to dt and A.) Both are written into the given
+    contiguous buffers and returned.
+    """
+    K, h, nI, R = dec.into.shape
+    sk, sb = _block_strides(dec)
+    native.check(
+        lib.ssd_masked_decay_backward(
+            dec.dA.data_ptr(), dec.into.data_ptr(), dec.out.data_ptr(),
+            dec.between.data_ptr(), sk, sb, CB.contiguous().data_ptr(),
+            dP.contiguous().data_ptr(), K, h, CB.shape[1], nI * R, R, dCB.data_ptr(),
+            dcs.data_ptr(),
+        ),
+        "ssd_masked_decay_backward",
+    )  # fmt: skip
+    return dCB, dcs
+
+
+def _block_strides(dec: ChunkDecays) -> tuple[int, int]:
+    """The kernels' chunk strides: of dA, dt, into and the outs (one, checked), and of between;
+    each chunk's part must be contiguous."""
+    K, h, nI, R = dec.into.shape
+    per_chunk = [dec.dA, dec.dt, dec.into, dec.out, dec.out_dt]
+    sk = dec.dA.stride(0)
+    ok = all(t.stride(0) == sk and t[0].is_contiguous() for t in per_chunk)
+    if not (ok and dec.between[0].is_contiguous() and dec.dA.shape[1:] == (h, nI * R)):
+        raise ValueError("the SSD kernels take a block's decays (ChunkDecays.block)")
+    return sk, dec.between.stride(0)
+
+
+def ssd_kernels(*tensors: Tensor):
+    """`ssd_cpu.c` (`masked_decay`, `masked_decay_backward`) for these tensors, or None:
+    the torch forms (`decay_matrix` and masking) run. See `aotlib.native.kernels_for`."""
+    return native.kernels_for("ssd_cpu", *tensors)
 
 
 def chunk_state(
@@ -533,6 +607,7 @@ def _chunked_in_blocks(
         (m, g, n, hgp),  # the state leaving a block for the next one
     )
     work = (U_t, V.zero_(), sums)  # V is 0 off its block diagonal
+    lib = ssd_kernels(x, dec.dA)  # C kernels for the (Q x Q) tiles, or None
     S_final = x.new_empty(b, g, n, hgp)
     for i0, i1, k0, k1 in blocks(b, c, m, k):
         mb, kb = i1 - i0, k1 - k0
@@ -549,7 +624,6 @@ def _chunked_in_blocks(
         B_t = B_buf[:Kb].copy_(Bb.permute(0, 2, 3, 1))  # (Kb, g, n, Q)
         C_c = Cb.transpose(1, 2)  # (Kb, g, Q, n)
         df = flat.block(i0, i1, k0, k1, c)  # (Kb, ...)
-        L = decay_matrix(df, out=L_buf[:Kb], work=tuple(w[:Kb] for w in work))
         S_ent = ent_buf[:mb, :kb] if states is None else states[i0:i1, k0:k1]
         last = S_final[i0:i1] if k1 == c else carry[:mb]
         if zero_in:  # (kb = 1) the state leaving is the chunk's own: written there
@@ -563,7 +637,12 @@ def _chunked_in_blocks(
                           out=(S_ent, last))  # fmt: skip
         CB = _matmul(C_c, B_t, CB_buf[:Kb])  # (Kb, g, Q, Q)
         x_h = x_h_buf[:Kb].copy_(xb.transpose(1, 2))  # (Kb, h, Q, p)
-        y_diag = diagonal_blocks(x_h, L, CB, D, out=y_diag_buf[:Kb])
+        if lib is not None:  # M = L o tril(C B^T) diag(dt) + D in one pass, then step 1
+            M = masked_decay(lib, df, CB, D, L_buf[:Kb])
+            y_diag = _matmul(M, x_h, y_diag_buf[:Kb])
+        else:
+            L = decay_matrix(df, out=L_buf[:Kb], work=tuple(w[:Kb] for w in work))
+            y_diag = diagonal_blocks(x_h, L, CB, D, out=y_diag_buf[:Kb])
         C_c, y_diag = C_c.unflatten(0, (mb, kb)), y_diag.unflatten(0, (mb, kb))
         from_start = df.from_start.unflatten(0, (mb, kb))  # (mb, kb, Q, h)
         if t1 - t0 == kb * Q:

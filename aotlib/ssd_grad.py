@@ -77,7 +77,10 @@ from aotlib.ssd_chunks import (
     decay_matrix,
     enters_at_zero,
     flat_decays,
+    masked_decay,
+    masked_decay_backward,
     new_output,
+    ssd_kernels,
 )
 
 
@@ -198,13 +201,12 @@ def chunked_backward(
         C_b = chunks_of(C, *blk).flatten(0, 1)
         Kb = mb * kb
         d = flat.block(i0, i1, k0, k1, c)  # (Kb, ...)
-        d_plain = d.without_dt()  # decay_matrix(d_plain) = L, without dt
         whole = dec.whole[i0:i1, k0:k1]  # (mb, kb, h)
         zero_in = enters_at_zero(k0, kb, zero_start)  # unwritten by the forward
         S_ent = None if zero_in else states[i0:i1, k0:k1]  # (mb, kb, g, n, hg*p)
         out = None if ragged else dx[i0:i1, t0:t1].unflatten(1, (kb, Q)).flatten(0, 1)  # a view
         G_out, dx_b, dB_b, dC_b, ddt_b, dA_b, dD_b = _block_backward(
-            x_b, dy_b, B_b, C_b, A, D, d, d_plain, whole, S_ent, G_out, not first,
+            x_b, dy_b, B_b, C_b, A, D, d, whole, S_ent, G_out, not first,
             bufs if Kb == K else bufs.cut(Kb), out,
         )  # fmt: skip
         if ragged:
@@ -258,7 +260,6 @@ def _block_backward(
     A: Tensor,
     D: Tensor | None,
     d: ChunkDecays,
-    plain: ChunkDecays,
     whole: Tensor,
     S_ent: Tensor | None,
     G_out: Tensor | None,
@@ -267,9 +268,9 @@ def _block_backward(
     dx_out: Tensor | None,
 ) -> tuple[Tensor | None, ...]:
     """One block's adjoints. x, dy (K, Q, h, p) for the block's K = m k chunks (m
-    sequences of k); B, C (K, Q, g, n); d and plain its decays with and without dt (K,
-    ...); whole (m, k, h); S_ent (m, k, g, n, hg*p) the states entering its chunks; G_out
-    (m, g, n, hg*p) the gradient of the state leaving it; dx_out (K, Q, h, p) where dx
+    sequences of k); B, C (K, Q, g, n); d its decays (K, ...); whole (m, k, h); S_ent
+    (m, k, g, n, hg*p) the states entering its chunks; G_out (m, g, n, hg*p) the
+    gradient of the state leaving it; dx_out (K, Q, h, p) where dx
     goes, if given. Returns the gradient of the state entering the block (None unless
     `need_G_in`), then dx, dB and dC (K, g, Q, n), ddt (K, h, Q), dA and dD.
 
@@ -342,10 +343,15 @@ def _block_backward(
         dB = _matmul(by_group(u), G_next.transpose(-1, -2), buf.dB)  # (K, g, Q, n)
 
     # 1*: the diagonal blocks
-    CB = _matmul(C_c, B_t, buf.CB).tril_()  # (K, g, Q, Q)
-    L = decay_matrix(plain, out=buf.L, work=(buf.U_t, buf.V, buf.sums))  # (K, h, Q, Q)
-    Lg = L.view(K, g, hg, Q, Q)
-    P = torch.mul(Lg, CB.unsqueeze(2), out=buf.P.view(Lg.shape)).view(K, h, Q, Q)
+    lib = ssd_kernels(x, d.dA)  # the (Q x Q) tiles' C kernels, or None: torch forms
+    CB = _matmul(C_c, B_t, buf.CB)  # (K, g, Q, Q)
+    if lib is not None:  # P = L o tril(C B^T) in one pass (L is not kept)
+        P = masked_decay(lib, d, CB, None, buf.P, with_dt=False)
+    else:
+        CB.tril_()
+        L = decay_matrix(d.without_dt(), out=buf.L, work=(buf.U_t, buf.V, buf.sums))
+        Lg = L.view(K, g, hg, Q, Q)  # L itself: dt = 1 where it multiplies
+        P = torch.mul(Lg, CB.unsqueeze(2), out=buf.P.view(Lg.shape)).view(K, h, Q, Q)
     # heads first, so that each product is one batched matmul over (chunk, head): a loop
     # of per-chunk matmuls reading the time-major x and dy in place was twice as slow at
     # Q = 32 (measured); the copies are one pass over x and dy each
@@ -357,14 +363,18 @@ def _block_backward(
         dxd = buf.tm.copy_(buf.dxd_h.transpose(1, 2))  # (K, Q, h, p)
     else:
         dxd.add_(buf.dxd_h.transpose(1, 2))
-    dPL = buf.dP.mul_(L).view(K, g, hg, Q, Q)
-    dCB = torch.sum(dPL, 2, out=buf.dCB).tril_()  # (K, g, Q, Q)
+    # d(C B^T), and Z = dP o P = L o dL, the gradient reaching L's exponents, as dcs
+    if lib is not None:
+        dCB, dcs = masked_decay_backward(lib, d, CB, buf.dP, buf.dCB, x.new_empty(K, h, Q))
+    else:
+        dPL = buf.dP.mul_(L).view(K, g, hg, Q, Q)
+        dCB = torch.sum(dPL, 2, out=buf.dCB).tril_()  # (K, g, Q, Q)
+        Z = torch.mul(dPL, CB.unsqueeze(2), out=buf.P.view(dPL.shape)).view(K, h, Q, Q)
+        dcs = Z.sum(-1) - Z.sum(-2)  # (K, h, Q)
     dC = _add_matmul(dC, dCB, B_c, buf.dC)  # (K, g, Q, n)
     dB = _add_matmul(dB, dCB.transpose(-1, -2), C_c, buf.dB)
-    Z = torch.mul(dPL, CB.unsqueeze(2), out=buf.P.view(dPL.shape)).view(K, h, Q, Q)  # L o dL
 
     # dt and A through the exponents cs
-    dcs = Z.sum(-1) - Z.sum(-2)  # (K, h, Q)
     if dF is not None:
         dcs += (F_t.squeeze(-1) * dF).transpose(-1, -2)
     if dE is not None:
