@@ -56,6 +56,20 @@ _SIGNATURES = {
         "ssd_masked_decay": [_ptr] * 5 + [_i64] * 2 + [_ptr] * 2 + [_i64] * 5 + [_ptr],
         # dA, into, out, between, their chunk strides, C B^T, dP, K, h, g, Q, R, d(C B^T), dcs
         "ssd_masked_decay_backward": [_ptr] * 4 + [_i64] * 2 + [_ptr] * 2 + [_i64] * 5 + [_ptr] * 2,
+        # a, its chunk and step strides, b, w, w2 (or NULL), their chunk stride, scale b,
+        # K, Q, h, p, out
+        "ssd_row_dots": [_ptr, _i64, _i64]
+        + [_ptr] * 3
+        + [_i64, ctypes.c_int]
+        + [_i64] * 4
+        + [_ptr],
+        # x, dy (each with chunk and step strides), dxd (or NULL), dxd_h, dt, its chunk
+        # stride, D (or NULL), K, Q, h, p, dx with its strides, ddt, dD (double, or NULL)
+        "ssd_input_grads": [_ptr, _i64, _i64] * 2
+        + [_ptr] * 3
+        + [_i64, _ptr]
+        + [_i64] * 4
+        + [_ptr, _i64, _i64, _ptr, _ptr],
     },
     "lm_head_cpu": {
         # logits (in place), targets, rows, V, scale, the loss sum (one double)

@@ -309,15 +309,26 @@ def masked_decay_backward(
 
 
 def _block_strides(dec: ChunkDecays) -> tuple[int, int]:
-    """The kernels' chunk strides: of dA, dt, into and the outs (one, checked), and of between;
-    each chunk's part must be contiguous."""
+    """The kernels' chunk strides: of dA, dt, into and the outs (one, checked), and of
+    between; each chunk's part must be contiguous (checked on the strides: indexing a chunk
+    to ask would cost an op per tensor, per block)."""
     K, h, nI, R = dec.into.shape
-    per_chunk = [dec.dA, dec.dt, dec.into, dec.out, dec.out_dt]
     sk = dec.dA.stride(0)
-    ok = all(t.stride(0) == sk and t[0].is_contiguous() for t in per_chunk)
-    if not (ok and dec.between[0].is_contiguous() and dec.dA.shape[1:] == (h, nI * R)):
+    ok = all(
+        t.stride()[0] == sk and t.stride()[1:] == _contiguous_strides(t.shape[1:])
+        for t in (dec.dA, dec.dt, dec.into, dec.out, dec.out_dt)
+    ) and dec.between.stride()[1:] == _contiguous_strides(dec.between.shape[1:])
+    if not (ok and dec.dA.shape[1:] == (h, nI * R)):
         raise ValueError("the SSD kernels take a block's decays (ChunkDecays.block)")
     return sk, dec.between.stride(0)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def ssd_kernels(*tensors: Tensor):
@@ -493,22 +504,26 @@ def _load_madvise():
 
 _MADVISE = _load_madvise()
 _MADV_HUGEPAGE, _HUGE = 14, 1 << 21  # Linux's advice number, and x86-64's huge page
+_GLIBC_MMAP_MAX = 32 << 20  # glibc (64-bit) maps every block from this size on by itself
 
 
 def new_output(like: Tensor, *shape: int) -> Tensor:
     """An uninitialised tensor like `like` for a large output (y, dx), backed by huge pages
-    where Linux allows it (transparent huge pages in "madvise" mode).
+    where glibc maps it on its own and Linux allows it (transparent huge pages in
+    "madvise" mode).
 
     Measured here (`python -m aotlib.bench ssd`): a fresh output over glibc's largest mmap
     threshold (32 MB; y at l = 16K in the benchmark is 64 MB) is mapped afresh on every
     call, and faulting it in 4 KiB page by page, on first write, cost about 25 ms per 64 MB
-    (a third of the forward's time per token at 16K and beyond; at 4K y is 16 MB and glibc
-    reuses its heap). With 2 MiB pages the same writes cost about 4 ms. Only advice: the
-    numbers are the same either way.
+    (a third of the forward's time per token at 16K and beyond). With 2 MiB pages the same
+    writes cost about 4 ms. Below that threshold glibc carves the output from its heap,
+    and there the advice made the first writes slower, not faster (16 MB: 27-40 ms against
+    7 ms; dx's pass at 4K in the backward 15-22 ms against 8-10), so it is given only from
+    32 MB on. Only advice: the numbers are the same either way.
     """
     out = like.new_empty(shape)
     nbytes = out.numel() * out.element_size()
-    if _MADVISE is not None and out.device.type == "cpu" and nbytes >= 2 * _HUGE:
+    if _MADVISE is not None and out.device.type == "cpu" and nbytes >= _GLIBC_MMAP_MAX:
         start = -(-out.data_ptr() // _HUGE) * _HUGE  # the whole huge pages inside
         end = (out.data_ptr() + nbytes) // _HUGE * _HUGE
         if end > start:

@@ -37,11 +37,21 @@
 
 #include "native_math.h"
 
-/* sum of a[0 .. n-1]: it runs once per row, and the compiler (without -ffast-math) adds a
- * vector's lanes one after another, a chain of sixteen dependent adds that stalled the
- * row loop (measured); with AVX-512 the lanes are added pairwise in registers. */
+/* sum of a[0 .. n-1], and <a, b>: they run once per row or per (step, head), and the
+ * compiler (without -ffast-math) adds a vector's lanes one after another at the end, a
+ * chain of sixteen dependent adds that stalled the loops around them (measured); with
+ * AVX-512 the lanes are added pairwise in registers. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
+static inline float dot_r(const float *restrict a, const float *restrict b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t q = 0;
+    for (; q + 16 <= n; q += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + q), _mm512_loadu_ps(b + q), acc);
+    float s = _mm512_reduce_add_ps(acc);
+    for (; q < n; q++) s += a[q] * b[q];
+    return s;
+}
 static inline float sum_f(const float *restrict a, int64_t n) {
     __m512 acc = _mm512_setzero_ps();
     int64_t q = 0;
@@ -51,6 +61,17 @@ static inline float sum_f(const float *restrict a, int64_t n) {
     return s;
 }
 #else
+static inline float dot_r(const float *restrict a, const float *restrict b, int64_t n) {
+    float lane[16] = {0};
+    int64_t q = 0;
+    for (; q + 16 <= n; q += 16)
+        for (int v = 0; v < 16; v++) lane[v] += a[q + v] * b[q + v];
+    float s = 0.0f;
+    for (; q < n; q++) s += a[q] * b[q];
+    for (int w = 8; w >= 1; w /= 2)
+        for (int v = 0; v < w; v++) lane[v] += lane[v + w];
+    return lane[0] + s;
+}
 static inline float sum_f(const float *restrict a, int64_t n) {
     float lane[16] = {0};
     int64_t q = 0;
@@ -246,5 +267,70 @@ int ssd_masked_decay_backward(const float *dA, const float *into, const float *o
     tile_free(&T);
     free(z);
     free(col);
+    return 0;
+}
+
+/* The backward's per-(step, head) dot products over p, around the state terms' matmuls
+ * (aotlib.ssd_grad). a (K, Q, h, p) with chunks `sak` and steps `sat` floats apart (x or
+ * dY in place), b (K, Q, h, p) contiguous (a matmul's time-major output), w (K, Q, h) and
+ * w2 (K, h, Q) (or NULL) with chunks `swk` floats apart, each chunk's part contiguous:
+ *
+ *   out[k, i, t] = w[k, t, i] w2[k, i, t] <a[k, t, i, :], b[k, t, i, :]>
+ *   and with `scale_b`, afterwards b[k, t, i, :] *= w[k, t, i].
+ *
+ * F dF (w = F, dY and S C) and E dE with d xd (w = E, w2 = dt, x and G B, b scaled by E
+ * in place): one pass each instead of four to five tensor-wide ones. */
+int ssd_row_dots(const float *a, int64_t sak, int64_t sat, float *b, const float *w,
+                 const float *w2, int64_t swk, int scale_b, int64_t K, int64_t Q, int64_t h,
+                 int64_t p, float *out) {
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t t = 0; t < Q; t++)
+            for (int64_t i = 0; i < h; i++) {
+                const float *restrict a_ = a + k * sak + t * sat + i * p;
+                float *restrict b_ = b + ((k * Q + t) * h + i) * p;
+                float wt = w[k * swk + t * h + i];
+                float s = dot_r(a_, b_, p) * wt;
+                if (w2) s *= w2[k * swk + i * Q + t];
+                out[(k * h + i) * Q + t] = s;
+                if (scale_b)
+                    for (int64_t q = 0; q < p; q++) b_[q] *= wt;
+            }
+    return 0;
+}
+
+/* The inputs' gradients at the end of a block's backward, one pass over x, dY and d xd:
+ *
+ *   d xd = dxd + dxd_h^T            (the state part, time-major, or NULL; and the diagonal
+ *                                    blocks' part P^T dY, heads first (K, h, Q, p))
+ *   dx = dt d xd + D dY,   ddt_direct[k, i, t] = <x, d xd>,   dD[i] += sum <dY, x>
+ *
+ * x, dY and dx (K, Q, h, p) with chunks and steps `s.k`, `s.t` floats apart (their own
+ * strides: views into the whole tensors); dt (K, h, Q) with chunks `sdk` apart; dD in
+ * double (NULL without D). */
+int ssd_input_grads(const float *x, int64_t sxk, int64_t sxt, const float *dy, int64_t syk,
+                    int64_t syt, const float *dxd, const float *dxd_h, const float *dt,
+                    int64_t sdk, const float *D, int64_t K, int64_t Q, int64_t h, int64_t p,
+                    float *dx, int64_t sok, int64_t sot, float *ddt, double *dD) {
+    float *g = aligned_alloc(64, ((p * sizeof(float) + 63) / 64) * 64);
+    if (!g) return 1;
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t t = 0; t < Q; t++)
+            for (int64_t i = 0; i < h; i++) {
+                const float *restrict x_ = x + k * sxk + t * sxt + i * p;
+                const float *restrict y_ = dy + k * syk + t * syt + i * p;
+                const float *restrict e_ = dxd_h + ((k * h + i) * Q + t) * p;
+                float *restrict o_ = dx + k * sok + t * sot + i * p, *restrict g_ = g;
+                if (dxd) {
+                    const float *restrict s_ = dxd + ((k * Q + t) * h + i) * p;
+                    for (int64_t q = 0; q < p; q++) g_[q] = s_[q] + e_[q];
+                } else {
+                    for (int64_t q = 0; q < p; q++) g_[q] = e_[q];
+                }
+                float w = dt[k * sdk + i * Q + t], d = D ? D[i] : 0.0f;
+                ddt[(k * h + i) * Q + t] = dot_r(x_, g_, p);
+                for (int64_t q = 0; q < p; q++) o_[q] = w * g_[q] + d * y_[q];
+                if (D) dD[i] += dot_r(y_, x_, p);
+            }
+    free(g);
     return 0;
 }

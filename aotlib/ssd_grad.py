@@ -64,6 +64,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from aotlib import native
 from aotlib.ssd_chunks import (
     ChunkDecays,
     _chunked_in_blocks,
@@ -183,6 +184,7 @@ def chunked_backward(
         )
     )
     bufs.V.zero_()  # 0 off its block diagonal (the buffer is shared with the forward)
+    lib = ssd_kernels(x, dec.dA)  # the (Q x Q) tiles' C kernels, or None: torch forms
     flat = flat_decays(dec)  # (b c, ...)
     G_out = dS  # gradient of the state leaving the current block (None: 0)
     for i0, i1, k0, k1 in reversed(blocks(b, c, m, k)):
@@ -207,7 +209,7 @@ def chunked_backward(
         out = None if ragged else dx[i0:i1, t0:t1].unflatten(1, (kb, Q)).flatten(0, 1)  # a view
         G_out, dx_b, dB_b, dC_b, ddt_b, dA_b, dD_b = _block_backward(
             x_b, dy_b, B_b, C_b, A, D, d, whole, S_ent, G_out, not first,
-            bufs if Kb == K else bufs.cut(Kb), out,
+            bufs if Kb == K else bufs.cut(Kb), out, lib,
         )  # fmt: skip
         if ragged:
             dx[i0:i1, t0:t1] = dx_b.unflatten(0, (mb, kb)).flatten(1, 2)[:, :T]
@@ -266,12 +268,14 @@ def _block_backward(
     need_G_in: bool,
     buf: Buffers,
     dx_out: Tensor | None,
+    lib=None,
 ) -> tuple[Tensor | None, ...]:
     """One block's adjoints. x, dy (K, Q, h, p) for the block's K = m k chunks (m
     sequences of k); B, C (K, Q, g, n); d its decays (K, ...); whole (m, k, h); S_ent
     (m, k, g, n, hg*p) the states entering its chunks; G_out (m, g, n, hg*p) the
     gradient of the state leaving it; dx_out (K, Q, h, p) where dx
-    goes, if given. Returns the gradient of the state entering the block (None unless
+    goes, if given; lib the C kernels for the (Q x Q) tiles (`ssd_kernels`), or None for
+    the torch forms. Returns the gradient of the state entering the block (None unless
     `need_G_in`), then dx, dB and dC (K, g, Q, n), ddt (K, h, Q), dA and dD.
 
     A column block (k = 1) may have S_ent None (all 0: a first column, no initial state)
@@ -324,26 +328,38 @@ def _block_backward(
             torch.addcmul(ds[:, j], W[:, j], G_next[:, j], out=G_next[:, j - 1] if j else G_in)
         G_next, G_in = buf.G_next, G_in.view(m, g, n, hgp)  # (K, g, n, hg*p)
 
+    # the per-(step, head) dot products by C kernels where x and dY have their (h, p)
+    # contiguous (`_row_dots`, `_input_grads`); else torch's multiplies and sums
+    rows = lib if x.stride()[-2:] == (p, 1) and dy.stride()[-2:] == (p, 1) else None
+
     # 4*: C and F (0 where the entering states are)
-    dW = dF = dC = None
+    dW = FdF = dC = None
     if S_ent is not None:
         if G_next is not None:
             dW = torch.mul(G_next, S_ent, out=buf.tmp_state).view(K, g, n, hg, p).sum(-1).sum(2)
         _matmul_into(C_c, S_ent, by_group(buf.tm))  # S_k C_t, time-major (K, Q, h, p)
-        dF = torch.mul(dy, buf.tm, out=buf.tmp).sum(-1)  # (K, Q, h)
+        if rows is not None:  # F_t dF_t, (K, h, Q)
+            FdF = _row_dots(rows, dy, buf.tm, d.from_start)
+        else:
+            dF = torch.mul(dy, buf.tm, out=buf.tmp).sum(-1)  # (K, Q, h)
+            FdF = (F_t.squeeze(-1) * dF).transpose(-1, -2)
         dC = _matmul(by_group(fdy), S_ent.transpose(-1, -2), buf.dC)  # (K, g, Q, n)
 
     # 2*: xd = dt x and E, then B (0 where the leaving states' gradients are)
-    dE = dxd = dB = None
+    EdE = dxd = dB = None
     if G_next is not None:
         _matmul_into(B_c, G_next, by_group(buf.tm))  # V_s = G_{k+1} B_s, time-major
-        dE = torch.mul(x, buf.tm, out=buf.tmp).sum(-1) * dt_q.squeeze(-1)  # (K, Q, h)
-        dxd = buf.tm.mul_(E_s)  # (K, Q, h, p): d xd from the chunk state
+        if rows is not None:  # E_s dE_s (K, h, Q), and d xd = E_s V_s in place
+            EdE = _row_dots(rows, x, buf.tm, d.decay_to_end, d.dt, scale_b=True)
+            dxd = buf.tm
+        else:
+            dE = torch.mul(x, buf.tm, out=buf.tmp).sum(-1) * dt_q.squeeze(-1)  # (K, Q, h)
+            EdE = (E_s.squeeze(-1) * dE).transpose(-1, -2)
+            dxd = buf.tm.mul_(E_s)  # (K, Q, h, p): d xd from the chunk state
         u = torch.mul(x, d.to_end.unsqueeze(-1), out=buf.tmp)  # E_s xd_s, the forward's
         dB = _matmul(by_group(u), G_next.transpose(-1, -2), buf.dB)  # (K, g, Q, n)
 
     # 1*: the diagonal blocks
-    lib = ssd_kernels(x, d.dA)  # the (Q x Q) tiles' C kernels, or None: torch forms
     CB = _matmul(C_c, B_t, buf.CB)  # (K, g, Q, Q)
     if lib is not None:  # P = L o tril(C B^T) in one pass (L is not kept)
         P = masked_decay(lib, d, CB, None, buf.P, with_dt=False)
@@ -359,10 +375,11 @@ def _block_backward(
     dy_h = buf.dy_h.copy_(dy.transpose(1, 2))  # (K, h, Q, p)
     _matmul(P.transpose(-1, -2), dy_h, buf.dxd_h)  # P^T dY
     _matmul(dy_h, xd_h.transpose(-1, -2), buf.dP)  # dY xd^T
-    if dxd is None:
-        dxd = buf.tm.copy_(buf.dxd_h.transpose(1, 2))  # (K, Q, h, p)
-    else:
-        dxd.add_(buf.dxd_h.transpose(1, 2))
+    if rows is None:  # (the kernel adds the two parts of d xd as it reads them)
+        if dxd is None:
+            dxd = buf.tm.copy_(buf.dxd_h.transpose(1, 2))  # (K, Q, h, p)
+        else:
+            dxd.add_(buf.dxd_h.transpose(1, 2))
     # d(C B^T), and Z = dP o P = L o dL, the gradient reaching L's exponents, as dcs
     if lib is not None:
         dCB, dcs = masked_decay_backward(lib, d, CB, buf.dP, buf.dCB, x.new_empty(K, h, Q))
@@ -375,23 +392,70 @@ def _block_backward(
     dB = _add_matmul(dB, dCB.transpose(-1, -2), C_c, buf.dB)
 
     # dt and A through the exponents cs
-    if dF is not None:
-        dcs += (F_t.squeeze(-1) * dF).transpose(-1, -2)
-    if dE is not None:
-        EdE = (E_s.squeeze(-1) * dE).transpose(-1, -2)  # (K, h, Q)
+    if FdF is not None:
+        dcs += FdF
+    if EdE is not None:
         dcs -= EdE
         dcs[..., -1] += EdE.sum(-1)
     if dW is not None:
         dcs[..., -1] += whole.reshape(K, h) * dW.reshape(K, h)
     ddA = dcs.flip(-1).cumsum(-1).flip(-1)  # (K, h, Q): sum over t >= k
-    ddt = torch.mul(x, dxd, out=buf.tmp).sum(-1).transpose(-1, -2) + A[:, None] * ddA
     dA = (d.dt * ddA).sum((0, 2))
-    dx = torch.mul(dxd, dt_q, out=buf.dx if dx_out is None else dx_out)
+    dx = buf.dx if dx_out is None else dx_out
+    if rows is not None:  # dx = dt d xd + D dY, <x, d xd>, dD, in one pass
+        ddt, dx, dD = _input_grads(rows, x, dy, dxd, buf.dxd_h, d.dt, D, dx)
+        return G_in, dx, dB, dC, ddt + A[:, None] * ddA, dA, dD
+    ddt = torch.mul(x, dxd, out=buf.tmp).sum(-1).transpose(-1, -2) + A[:, None] * ddA
+    dx = torch.mul(dxd, dt_q, out=dx)
     dD = None
     if D is not None:
         dx.addcmul_(dy, D[:, None])
         dD = torch.mul(dy, x, out=buf.tmp).sum((0, 1, 3))
     return G_in, dx, dB, dC, ddt, dA, dD
+
+
+def _row_dots(
+    lib, a: Tensor, b: Tensor, w: Tensor, w2: Tensor | None = None, scale_b: bool = False
+) -> Tensor:
+    """w_t (w2_t) <a_t, b_t> for every step and head of a block, (K, h, Q), by the C kernel
+    (`ssd_cpu.c`'s `ssd_row_dots`); with `scale_b`, b is then scaled by w in place. a (K,
+    Q, h, p) with its (h, p) contiguous, b (K, Q, h, p) contiguous, w (K, Q, h) and w2 (K,
+    h, Q) a block's decays (each chunk's part contiguous)."""
+    K, Q, h, p = b.shape
+    out = b.new_empty(K, h, Q)
+    if w2 is not None and w2.stride(0) != w.stride(0):
+        raise ValueError("w and w2 must be a block's decays (one chunk stride)")
+    native.check(
+        lib.ssd_row_dots(
+            a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), w.data_ptr(),
+            native.ptr(w2), w.stride(0), int(scale_b), K, Q, h, p, out.data_ptr(),
+        ),
+        "ssd_row_dots",
+    )  # fmt: skip
+    return out
+
+
+def _input_grads(
+    lib, x: Tensor, dy: Tensor, dxd: Tensor | None, dxd_h: Tensor, dt: Tensor,
+    D: Tensor | None, dx: Tensor,
+) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """A block's last pass by the C kernel (`ssd_cpu.c`'s `ssd_input_grads`): with d xd =
+    dxd (time-major, the state part; None: 0) + dxd_h^T (heads first, the diagonal
+    blocks'), dx = dt d xd + D dY written into dx, and returned with <x, d xd> (K, h, Q)
+    and dD = sum <dY, x> (h,) (None without D; summed in double)."""
+    K, Q, h, p = x.shape
+    ddt = x.new_empty(K, h, Q)
+    dD = None if D is None else torch.zeros(h, dtype=torch.float64)
+    native.check(
+        lib.ssd_input_grads(
+            x.data_ptr(), x.stride(0), x.stride(1), dy.data_ptr(), dy.stride(0), dy.stride(1),
+            native.ptr(dxd), dxd_h.data_ptr(), dt.data_ptr(), dt.stride(0),
+            native.ptr(None if D is None else D.contiguous()), K, Q, h, p, dx.data_ptr(),
+            dx.stride(0), dx.stride(1), ddt.data_ptr(), native.ptr(dD),
+        ),
+        "ssd_input_grads",
+    )  # fmt: skip
+    return ddt, dx, None if dD is None else dD.to(x.dtype)
 
 
 def _add_matmul(acc: Tensor | None, a: Tensor, b: Tensor, out: Tensor) -> Tensor:
