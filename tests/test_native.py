@@ -263,3 +263,20 @@ def test_bench_native_times_every_kernel_against_its_torch_form(capsys, library_
     assert len(rows) == len(bench.CASES)
     assert all(float(row.split()[-1]) < 1e-5 for row in rows)
     assert {"mamba2_cpu", "lm_head_cpu"} <= set(library_calls)
+
+
+def test_every_exported_kernel_has_a_signature() -> None:
+    """Each non-static C function of every kernel file is declared in
+    `native._SIGNATURES`: ctypes would pass an undeclared one's 64-bit pointers and sizes
+    as 32-bit ints (a crash, found this way once), and a declared one must exist in C."""
+    import re
+    from pathlib import Path
+
+    here = Path(native.__file__).parent
+    for name, signatures in native._SIGNATURES.items():
+        source = (here / f"{name}.c").read_text()
+        exported = set(re.findall(r"^int (\w+)\(", source, flags=re.MULTILINE))
+        assert exported == set(signatures), name
+        for fn, argtypes in signatures.items():  # the C parameter count matches
+            params = re.search(rf"^int {fn}\((.*?)\)", source, flags=re.MULTILINE | re.DOTALL)
+            assert params.group(1).count(",") + 1 == len(argtypes), fn

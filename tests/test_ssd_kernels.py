@@ -170,3 +170,34 @@ def test_float64_takes_the_torch_forms(monkeypatch) -> None:
     inp = random_ssd_inputs(2, 40, 2, 4, 1, 4, with_initial_state=True)
     dy, dh = torch.randn(2, 40, 2, 4, dtype=torch.float64), torch.randn(2, 2, 4, 4).double()
     grads(ssd_chunked, inp, dy, dh, 16)
+
+
+@needs_kernels
+def test_strided_gradients_take_the_torch_dot_products(monkeypatch) -> None:
+    """A dY whose (h, p) is not contiguous (here a transposed copy's view) runs the
+    backward's dot products in torch (l a multiple of the chunk: a ragged block's padded
+    copy would be contiguous); the gradients are the same as with a contiguous dY."""
+    import aotlib.ssd_grad as ssd_grad
+
+    calls = []
+    real = ssd_grad._row_dots
+    monkeypatch.setattr(ssd_grad, "_row_dots", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inp = {k: v.float() for k, v in random_ssd_inputs(2, 48, 4, 6, 1, 8).items() if v is not None}
+    dy = torch.randn(2, 48, 6, 4).transpose(-1, -2)  # (b, l, h, p), p not contiguous
+    got = grads_plain(inp, dy, 16)
+    assert not calls
+    want = grads_plain(inp, dy.contiguous(), 16)
+    assert calls
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def grads_plain(inp: dict, dy: torch.Tensor, Q: int) -> dict[str, torch.Tensor]:
+    """Gradients of <y, dy> through `ChunkedSSD` itself (dy reaches its backward as given)."""
+    from aotlib.ssd_grad import chunked_ssd_function
+
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items()}
+    xs = [leaves[k] for k in ("x", "dt", "A", "B", "C", "D")]
+    y, _ = chunked_ssd_function(*xs, None, Q, False)
+    y.backward(dy)
+    return {k: v.grad for k, v in leaves.items()}
