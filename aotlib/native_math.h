@@ -28,7 +28,21 @@ static inline float exp_f(float x) {
 }
 
 /* sum of a[q] b[q] over n floats, in 16 lanes (so that it vectorizes without reordering
- * licence from -ffast-math), lanes then added in order */
+ * licence from -ffast-math), the lanes then added pairwise: four dependent steps, not
+ * sixteen (added one by one, they stalled the loops that call this once per row or per
+ * (step, head), measured in aotlib/ssd_cpu.c); with AVX-512 the same in registers. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline float dot_f(const float *restrict a, const float *restrict b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t q = 0;
+    for (; q + 16 <= n; q += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + q), _mm512_loadu_ps(b + q), acc);
+    float s = _mm512_reduce_add_ps(acc);
+    for (; q < n; q++) s += a[q] * b[q];
+    return s;
+}
+#else
 static inline float dot_f(const float *restrict a, const float *restrict b, int64_t n) {
     float lane[16] = {0};
     int64_t q = 0;
@@ -36,8 +50,10 @@ static inline float dot_f(const float *restrict a, const float *restrict b, int6
         for (int v = 0; v < 16; v++) lane[v] += a[q + v] * b[q + v];
     float s = 0.0f;
     for (; q < n; q++) s += a[q] * b[q];
-    for (int v = 0; v < 16; v++) s += lane[v];
-    return s;
+    for (int w = 8; w >= 1; w /= 2)
+        for (int v = 0; v < w; v++) lane[v] += lane[v + w];
+    return lane[0] + s;
 }
+#endif
 
 #endif

@@ -2,7 +2,10 @@
 
 `aotlib.ssd.ssd_chunked` calls these; `aotlib.ssd_grad` holds their adjoints (the
 training path's backward). Layout as in `aotlib.ssd`: x (b, l, h, p), dt (b, l, h),
-A (h,), B and C (b, l, g, n), D (h,); inside, chunk states are (..., g, n, hg*p).
+A (h,), B and C (b, l, g, n), D (h,); inside, chunk states are (..., g, n, hg*p). On the
+CPU in float32 the blocked path builds each block's masked decay matrices with a C kernel
+(`masked_decay`, `aotlib/ssd_cpu.c`); `decay_matrix` and `diagonal_blocks`' masking are
+its torch form and reference.
 """
 
 from __future__ import annotations

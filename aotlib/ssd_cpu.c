@@ -37,54 +37,6 @@
 
 #include "native_math.h"
 
-/* sum of a[0 .. n-1], and <a, b>: they run once per row or per (step, head), and the
- * compiler (without -ffast-math) adds a vector's lanes one after another at the end, a
- * chain of sixteen dependent adds that stalled the loops around them (measured); with
- * AVX-512 the lanes are added pairwise in registers. */
-#if defined(__AVX512F__)
-#include <immintrin.h>
-static inline float dot_r(const float *restrict a, const float *restrict b, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
-    int64_t q = 0;
-    for (; q + 16 <= n; q += 16)
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + q), _mm512_loadu_ps(b + q), acc);
-    float s = _mm512_reduce_add_ps(acc);
-    for (; q < n; q++) s += a[q] * b[q];
-    return s;
-}
-static inline float sum_f(const float *restrict a, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
-    int64_t q = 0;
-    for (; q + 16 <= n; q += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(a + q));
-    float s = _mm512_reduce_add_ps(acc);
-    for (; q < n; q++) s += a[q];
-    return s;
-}
-#else
-static inline float dot_r(const float *restrict a, const float *restrict b, int64_t n) {
-    float lane[16] = {0};
-    int64_t q = 0;
-    for (; q + 16 <= n; q += 16)
-        for (int v = 0; v < 16; v++) lane[v] += a[q + v] * b[q + v];
-    float s = 0.0f;
-    for (; q < n; q++) s += a[q] * b[q];
-    for (int w = 8; w >= 1; w /= 2)
-        for (int v = 0; v < w; v++) lane[v] += lane[v + w];
-    return lane[0] + s;
-}
-static inline float sum_f(const float *restrict a, int64_t n) {
-    float lane[16] = {0};
-    int64_t q = 0;
-    for (; q + 16 <= n; q += 16)
-        for (int v = 0; v < 16; v++) lane[v] += a[q + v];
-    float s = 0.0f;
-    for (; q < n; q++) s += a[q];
-    for (int w = 8; w >= 1; w /= 2)
-        for (int v = 0; v < w; v++) lane[v] += lane[v + w];
-    return lane[0] + s;
-}
-#endif
-
 /* f(..., Q, R) with Q and R as constants in the common cases */
 #define SPECIALISED(f, ...)                                                                 \
     do {                                                                                    \
@@ -99,6 +51,7 @@ typedef struct {
     const float *into, *out, *between;
     float *ex;     /* (Q, R): the diagonal blocks' exponents, then L there (0 above) */
     float *mask;   /* (R, R): [v <= u] */
+    float *ones;   /* (Q,): 1, for a row's sum as a dot product */
     float *across; /* between[I, J(s)] out_s for s before t's sub-chunk I, 0 from I R on */
 } Tile;
 
@@ -146,8 +99,10 @@ static float *new_floats(int64_t n) {
 static int tile_alloc(Tile *T, int64_t Q, int64_t R) {
     T->ex = new_floats(Q * R);
     T->mask = new_floats(R * R);
+    T->ones = new_floats(Q);
     T->across = new_floats(Q);
-    if (!T->ex || !T->mask || !T->across) return 1;
+    if (!T->ex || !T->mask || !T->ones || !T->across) return 1;
+    for (int64_t s = 0; s < Q; s++) T->ones[s] = 1.0f;
     for (int64_t u = 0; u < R; u++)
         for (int64_t v = 0; v < R; v++) T->mask[u * R + v] = v <= u;
     return 0;
@@ -156,6 +111,7 @@ static int tile_alloc(Tile *T, int64_t Q, int64_t R) {
 static void tile_free(Tile *T) {
     free(T->ex);
     free(T->mask);
+    free(T->ones);
     free(T->across);
 }
 
@@ -205,7 +161,7 @@ static inline void dm_tile(const Tile *T, const float *restrict cb, const float 
             z_d[v] = e * cb_d[v];
             col_d[v] += z_d[v];
         }
-        dcs[t] = sum_f(z, Q); /* row t's sum; the column sums are subtracted below */
+        dcs[t] = dot_f(z, T->ones, Q); /* row t's sum; columns subtracted below */
     }
     for (int64_t t = 0; t < Q; t++) dcs[t] -= col[t];
 }
@@ -289,7 +245,7 @@ int ssd_row_dots(const float *a, int64_t sak, int64_t sat, float *b, const float
                 const float *restrict a_ = a + k * sak + t * sat + i * p;
                 float *restrict b_ = b + ((k * Q + t) * h + i) * p;
                 float wt = w[k * swk + t * h + i];
-                float s = dot_r(a_, b_, p) * wt;
+                float s = dot_f(a_, b_, p) * wt;
                 if (w2) s *= w2[k * swk + i * Q + t];
                 out[(k * h + i) * Q + t] = s;
                 if (scale_b)
@@ -327,9 +283,9 @@ int ssd_input_grads(const float *x, int64_t sxk, int64_t sxt, const float *dy, i
                     for (int64_t q = 0; q < p; q++) g_[q] = e_[q];
                 }
                 float w = dt[k * sdk + i * Q + t], d = D ? D[i] : 0.0f;
-                ddt[(k * h + i) * Q + t] = dot_r(x_, g_, p);
+                ddt[(k * h + i) * Q + t] = dot_f(x_, g_, p);
                 for (int64_t q = 0; q < p; q++) o_[q] = w * g_[q] + d * y_[q];
-                if (D) dD[i] += dot_r(y_, x_, p);
+                if (D) dD[i] += dot_f(y_, x_, p);
             }
     free(g);
     return 0;

@@ -49,6 +49,12 @@ need no such care. Work: about twice the forward's matmuls (the usual 2x), plus 
 over (Q, Q) and (Q, p) tensors per head. Memory: the saved inputs, the chunk states
 ((b, c, h, p, n), x's size when N = Q), and one block's temporaries.
 
+On the CPU in float32 the (Q x Q) work per chunk and head (P = L o tril(C B^T), and from
+dP: d(C B^T) and the sums of Z) and the per-step dot products (F dF, E dE, <x, d xd>,
+dD, with dx) run as C kernels (`aotlib/ssd_cpu.c`, through `aotlib.native`), one pass
+each over what the torch forms below pass over four to six times; the torch forms are
+their references and run elsewhere (CUDA, float64, no compiler, `AOTLIB_NATIVE=0`).
+
 Known zeros are skipped where a block allows it: with no initial state the states
 entering the first chunks are 0 (so are 4*'s products with them, and 3*'s gradient
 reaching them is not needed), and with the final state unused the gradient leaving the
@@ -303,6 +309,10 @@ def _block_backward(
     # (a view: a block is contiguous in `states`, or one chunk of each sequence)
     S_ent = None if S_ent is None else S_ent.reshape(K, g, n, hgp)
 
+    # the per-(step, head) dot products by C kernels where x and dY have their (h, p)
+    # contiguous (`_row_dots`, `_input_grads`); else torch's multiplies and sums
+    rows = lib if x.stride()[-2:] == (p, 1) and dy.stride()[-2:] == (p, 1) else None
+
     # 4* and 3*: what reaches the entering states, then the reverse state passing
     fdy = None
     if S_ent is not None or need_G_in:
@@ -327,10 +337,6 @@ def _block_backward(
         for j in reversed(range(k)):
             torch.addcmul(ds[:, j], W[:, j], G_next[:, j], out=G_next[:, j - 1] if j else G_in)
         G_next, G_in = buf.G_next, G_in.view(m, g, n, hgp)  # (K, g, n, hg*p)
-
-    # the per-(step, head) dot products by C kernels where x and dY have their (h, p)
-    # contiguous (`_row_dots`, `_input_grads`); else torch's multiplies and sums
-    rows = lib if x.stride()[-2:] == (p, 1) and dy.stride()[-2:] == (p, 1) else None
 
     # 4*: C and F (0 where the entering states are)
     dW = FdF = dC = None

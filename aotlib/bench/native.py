@@ -4,12 +4,15 @@
 
 At the shapes the cpu preset's Mamba-2 trains (batch 32, length 128, d_model 128: the conv
 over 384 channels in groups [256, 64, 64] of a (b, l, 648) projection's output, the gated
-norm over 256, the residual norm over 128) and the LM head + loss of every model (N = V =
-4096 rows and classes, d = 128). Each round times the kernel and then the torch form (in
-`aotlib.native.off()`), forward and backward (the inputs are leaves, so nothing but the
-layer is timed), in CPU time of this process; printed are the
-median times, the median of the per-round ratios, and the largest difference between the
-two forms' outputs and gradients relative to their scale (float32 rounding, ~1e-7).
+norm over 256, the residual norm over 128, the chunked SSD with 8 heads of 32, N = 64 and
+chunks of 32), the LM head + loss of every model (N = V = 4096 rows and classes, d = 128),
+and the SSD at `python -m aotlib.bench ssd`'s 4K point (b = 2, 8 heads of 64, N = Q = 64;
+its kernels are `ssd_cpu.c`'s, the rest of its work is torch's matmuls either way). Each
+round times the kernels and then the torch forms (in `aotlib.native.off()`), forward and
+backward (the inputs are leaves, so nothing but the layer is timed), in CPU time of this
+process; printed are the median times, the median of the per-round ratios, and the largest
+difference between the two forms' outputs and gradients relative to their scale (float32
+rounding, ~1e-7).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from aotlib import native
 from aotlib.mamba2 import GatedRMSNorm, causal_conv_silu
 from aotlib.models import linear_cross_entropy
+from aotlib.ssd_grad import chunked_ssd_function
 
 Case = Callable[[], list[torch.Tensor]]  # one forward + backward: outputs and gradients
 
@@ -72,11 +76,33 @@ def head_case() -> Case:
     return run
 
 
+def ssd_case(b: int, l: int, h: int, p: int, n: int, Q: int) -> Case:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, l, h, p, generator=gen).requires_grad_(True)
+    dt = (torch.rand(b, l, h, generator=gen) * 0.5 + 0.01).requires_grad_(True)
+    A = (-torch.rand(h, generator=gen) - 0.1).requires_grad_(True)
+    B, C = (torch.randn(b, l, 1, n, generator=gen) / n**0.5 for _ in range(2))
+    B, C = B.requires_grad_(True), C.requires_grad_(True)
+    D, dy = torch.ones(h, requires_grad=True), torch.randn(b, l, h, p, generator=gen)
+    leaves = [x, dt, A, B, C, D]
+
+    def run() -> list[torch.Tensor]:
+        for t in leaves:
+            t.grad = None
+        y, _ = chunked_ssd_function(x, dt, A, B, C, D, None, Q, False)
+        y.backward(dy)
+        return [y, *(t.grad for t in leaves)]
+
+    return run
+
+
 CASES = {
     "conv + SiLU (b=32, l=128, c=384)": conv_case,
     "gated RMSNorm (d=256)": lambda: norm_case(256, gated=True),
     "residual RMSNorm (d=128)": lambda: norm_case(128, gated=False),
     "LM head + loss (N=V=4096, d=128)": head_case,
+    "SSD (b=32, l=128, p=32, N=64, Q=32)": lambda: ssd_case(32, 128, 8, 32, 64, 32),
+    "SSD (b=2, l=4096, p=N=Q=64)": lambda: ssd_case(2, 4096, 8, 64, 64, 64),
 }
 
 
@@ -99,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if native.library("mamba2_cpu") is None or native.library("lm_head_cpu") is None:
+    if any(native.library(name) is None for name in ("mamba2_cpu", "lm_head_cpu", "ssd_cpu")):
         print("aotlib.native: no kernels here (no C compiler, or AOTLIB_NATIVE=0)")
         return 1
     torch.manual_seed(0)
