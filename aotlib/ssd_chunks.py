@@ -272,11 +272,12 @@ def masked_decay(
     K, h, nI, R = dec.into.shape
     sk, sb = _block_strides(dec)
     outs = dec.out_dt if with_dt else dec.out
-    D = None if D is None else D.contiguous()
+    # (held in names for the call: a temporary's memory could be freed before C reads it)
+    CB, D = CB.contiguous(), None if D is None else D.contiguous()
     native.check(
         lib.ssd_masked_decay(
             dec.dA.data_ptr(), dec.dt.data_ptr() if with_dt else None, dec.into.data_ptr(),
-            outs.data_ptr(), dec.between.data_ptr(), sk, sb, CB.contiguous().data_ptr(),
+            outs.data_ptr(), dec.between.data_ptr(), sk, sb, CB.data_ptr(),
             native.ptr(D), K, h, CB.shape[1], nI * R, R, out.data_ptr(),
         ),
         "ssd_masked_decay",
@@ -299,11 +300,12 @@ def masked_decay_backward(
     """
     K, h, nI, R = dec.into.shape
     sk, sb = _block_strides(dec)
+    CB, dP = CB.contiguous(), dP.contiguous()  # held for the call, as in `masked_decay`
     native.check(
         lib.ssd_masked_decay_backward(
             dec.dA.data_ptr(), dec.into.data_ptr(), dec.out.data_ptr(),
-            dec.between.data_ptr(), sk, sb, CB.contiguous().data_ptr(),
-            dP.contiguous().data_ptr(), K, h, CB.shape[1], nI * R, R, dCB.data_ptr(),
+            dec.between.data_ptr(), sk, sb, CB.data_ptr(),
+            dP.data_ptr(), K, h, CB.shape[1], nI * R, R, dCB.data_ptr(),
             dcs.data_ptr(),
         ),
         "ssd_masked_decay_backward",

@@ -66,6 +66,7 @@ static inline void start(Tile *T, const float *dA, const float *into, const floa
                          const float *between, const int64_t Q, const int64_t R) {
     T->into = into, T->out = out, T->between = between;
     double acc[R];
+    for (int64_t v = 0; v < R; v++) acc[v] = 0.0;
     for (int64_t t = 0; t < Q; t++) {
         int64_t u = t % R;
         double a = dA[t];
@@ -267,7 +268,7 @@ int ssd_input_grads(const float *x, int64_t sxk, int64_t sxt, const float *dy, i
                     int64_t syt, const float *dxd, const float *dxd_h, const float *dt,
                     int64_t sdk, const float *D, int64_t K, int64_t Q, int64_t h, int64_t p,
                     float *dx, int64_t sok, int64_t sot, float *ddt, double *dD) {
-    float *g = aligned_alloc(64, ((p * sizeof(float) + 63) / 64) * 64);
+    float *g = new_floats(p); /* a row of d xd */
     if (!g) return 1;
     for (int64_t k = 0; k < K; k++)
         for (int64_t t = 0; t < Q; t++)

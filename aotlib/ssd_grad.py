@@ -452,11 +452,12 @@ def _input_grads(
     K, Q, h, p = x.shape
     ddt = x.new_empty(K, h, Q)
     dD = None if D is None else torch.zeros(h, dtype=torch.float64)
+    D = None if D is None else D.contiguous()  # held for the call
     native.check(
         lib.ssd_input_grads(
             x.data_ptr(), x.stride(0), x.stride(1), dy.data_ptr(), dy.stride(0), dy.stride(1),
             native.ptr(dxd), dxd_h.data_ptr(), dt.data_ptr(), dt.stride(0),
-            native.ptr(None if D is None else D.contiguous()), K, Q, h, p, dx.data_ptr(),
+            native.ptr(D), K, Q, h, p, dx.data_ptr(),
             dx.stride(0), dx.stride(1), ddt.data_ptr(), native.ptr(dD),
         ),
         "ssd_input_grads",
