@@ -88,13 +88,18 @@ class ChunkDecays(NamedTuple):
         one chunk of several sequences (a column block) every c-th row."""
         if self.dt.dim() != 3:  # (b c, h, Q); (b, c, h, Q) would slice the wrong rows
             raise ValueError("ChunkDecays.block takes decays flattened by `flat_decays`")
-        if k1 - k0 == c or i1 - i0 == 1:
-            rows = slice(i0 * c + k0, (i1 - 1) * c + k1)
-        elif k1 - k0 == 1:
-            rows = slice(i0 * c + k0, (i1 - 1) * c + k1, c)
-        else:
-            raise ValueError("a block is whole sequences, a stretch of one, or one chunk")
+        rows = block_rows(i0, i1, k0, k1, c)
         return ChunkDecays(*(t[rows] for t in self))
+
+
+def block_rows(i0: int, i1: int, k0: int, k1: int, c: int) -> slice:
+    """A block's rows in a (b c, ...) flattening (`ChunkDecays.block`): whole sequences or
+    a stretch of one are a run of rows; one chunk of several sequences every c-th row."""
+    if k1 - k0 == c or i1 - i0 == 1:
+        return slice(i0 * c + k0, (i1 - 1) * c + k1)
+    if k1 - k0 == 1:
+        return slice(i0 * c + k0, (i1 - 1) * c + k1, c)
+    raise ValueError("a block is whole sequences, a stretch of one, or one chunk")
 
 
 def chunk_decays(dt: Tensor, A: Tensor, R: int) -> ChunkDecays:

@@ -291,3 +291,40 @@ int ssd_input_grads(const float *x, int64_t sxk, int64_t sxt, const float *dy, i
     free(g);
     return 0;
 }
+
+/* A block's last step for dt and A, one call instead of a dozen small ops (their dispatch
+ * was most of their time): per chunk and head, with c_t the gradient reaching the
+ * exponent cs_t (`dcs` from ssd_masked_decay_backward, plus F dF, minus E dE, the chunk's
+ * last step also + sum_t E dE + W dW; each term NULL when 0),
+ *
+ *   ddA_k = sum_{t >= k} c_t,   ddt_k = ddt_direct_k + A ddA_k,   dA += sum_k dt_k ddA_k
+ *
+ * dcs, F dF, E dE and ddt_direct (K, h, Q) and W dW (K, h) contiguous; dt (K, h, Q) and
+ * ddt (the output) with chunks `sdk` and `sok` floats apart, each chunk's (h, Q)
+ * contiguous; dA (h,) in double, added into. The sums run in double (the chunk's sum of
+ * E dE cancels against its terms; in float32 dA was 2.5x as far from float64 as torch's
+ * form, measured by tests/test_ssd_kernels.py). */
+int ssd_exponent_grads(const float *dcs, const float *FdF, const float *EdE, const float *WdW,
+                       const float *dt, int64_t sdk, const float *A, const float *ddt_direct,
+                       int64_t K, int64_t h, int64_t Q, float *ddt, int64_t sok, double *dA) {
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t i = 0; i < h; i++) {
+            int64_t o = (k * h + i) * Q;
+            const float *w = dt + k * sdk + i * Q;
+            float *out = ddt + k * sok + i * Q;
+            double last = WdW ? WdW[k * h + i] : 0.0, acc = 0.0, da = 0.0;
+            if (EdE)
+                for (int64_t t = 0; t < Q; t++) last += EdE[o + t];
+            for (int64_t t = Q - 1; t >= 0; t--) {
+                double c = dcs[o + t];
+                if (FdF) c += FdF[o + t];
+                if (EdE) c -= EdE[o + t];
+                if (t == Q - 1) c += last;
+                acc += c; /* ddA_t, in double: E dE's sum cancels against its terms */
+                out[t] = (float)(ddt_direct[o + t] + A[i] * acc);
+                da += w[t] * acc;
+            }
+            dA[i] += da;
+        }
+    return 0;
+}

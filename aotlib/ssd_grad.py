@@ -78,6 +78,7 @@ from aotlib.ssd_chunks import (
     _scratch,
     _sub_chunk_length,
     block_plan,
+    block_rows,
     blocks,
     chunk_decays,
     chunks_of,
@@ -171,8 +172,9 @@ def chunked_backward(
     dx = new_output(x, b, l, h, p)
     dB, dC = new_output(B, b, l, g, n), new_output(C, b, l, g, n)  # 33 MB each at 64K
     ddt = dec.dt.new_empty(b, c, h, Q)  # dec's layout (padded), reordered at the end
-    dA = A.new_zeros(A.shape)
-    dD = None if D is None else D.new_zeros(D.shape)
+    ddt_rows = ddt.view(b * c, h, Q)  # a block's are `block_rows` of it
+    dA = torch.zeros(h, dtype=torch.float64)  # summed over blocks in double
+    dD = None if D is None else torch.zeros(h, dtype=torch.float64)
     dS0 = None if zero_start else x.new_empty(b, g, n, hgp)
     bufs = Buffers(
         *_scratch(
@@ -213,22 +215,29 @@ def chunked_backward(
         zero_in = enters_at_zero(k0, kb, zero_start)  # unwritten by the forward
         S_ent = None if zero_in else states[i0:i1, k0:k1]  # (mb, kb, g, n, hg*p)
         out = None if ragged else dx[i0:i1, t0:t1].unflatten(1, (kb, Q)).flatten(0, 1)  # a view
-        G_out, dx_b, dB_b, dC_b, ddt_b, dA_b, dD_b = _block_backward(
+        sums = Sums(ddt_rows[block_rows(i0, i1, k0, k1, c)], dA, dD)  # ddt (Kb, h, Q): a view
+        G_out, dx_b, dB_b, dC_b = _block_backward(
             x_b, dy_b, B_b, C_b, A, D, d, whole, S_ent, G_out, not first,
-            bufs if Kb == K else bufs.cut(Kb), out, lib,
+            bufs if Kb == K else bufs.cut(Kb), out, sums, lib,
         )  # fmt: skip
         if ragged:
             dx[i0:i1, t0:t1] = dx_b.unflatten(0, (mb, kb)).flatten(1, 2)[:, :T]
         dB[i0:i1, t0:t1] = dB_b.transpose(1, 2).unflatten(0, (mb, kb)).flatten(1, 2)[:, :T]
         dC[i0:i1, t0:t1] = dC_b.transpose(1, 2).unflatten(0, (mb, kb)).flatten(1, 2)[:, :T]
-        ddt[i0:i1, k0:k1] = ddt_b.unflatten(0, (mb, kb))
-        dA += dA_b
-        if dD is not None:
-            dD += dD_b
         if k0 == 0 and dS0 is not None:
             dS0[i0:i1] = G_out
     ddt = ddt.transpose(-1, -2).reshape(b, c * Q, h)[:, :l]  # (b, l, h)
+    dA, dD = dA.to(A.dtype), None if dD is None else dD.to(D.dtype)
     return dx, ddt, dA, dB, dC, dD, dS0
+
+
+class Sums(NamedTuple):
+    """Where a block's backward puts dt's gradient, (K, h, Q) (a view of the whole), and
+    adds A's and D's, (h,) in double (D's None without D)."""
+
+    ddt: Tensor
+    dA: Tensor
+    dD: Tensor | None
 
 
 class Buffers(NamedTuple):
@@ -274,6 +283,7 @@ def _block_backward(
     need_G_in: bool,
     buf: Buffers,
     dx_out: Tensor | None,
+    sums: Sums,
     lib=None,
 ) -> tuple[Tensor | None, ...]:
     """One block's adjoints. x, dy (K, Q, h, p) for the block's K = m k chunks (m
@@ -397,27 +407,29 @@ def _block_backward(
     dC = _add_matmul(dC, dCB, B_c, buf.dC)  # (K, g, Q, n)
     dB = _add_matmul(dB, dCB.transpose(-1, -2), C_c, buf.dB)
 
-    # dt and A through the exponents cs
+    # dt and A through the exponents cs, and dx
+    WdW = None if dW is None else whole.reshape(K, h) * dW.reshape(K, h)
+    dx = buf.dx if dx_out is None else dx_out
+    if rows is not None:  # dx = dt d xd + D dY, <x, d xd>, dD in one pass; then dt and A
+        ddt_direct = _input_grads(rows, x, dy, dxd, buf.dxd_h, d.dt, D, dx, sums.dD)
+        _exponent_grads(rows, dcs, FdF, EdE, WdW, d.dt, A, ddt_direct, sums)
+        return G_in, dx, dB, dC
     if FdF is not None:
         dcs += FdF
     if EdE is not None:
         dcs -= EdE
         dcs[..., -1] += EdE.sum(-1)
-    if dW is not None:
-        dcs[..., -1] += whole.reshape(K, h) * dW.reshape(K, h)
+    if WdW is not None:
+        dcs[..., -1] += WdW
     ddA = dcs.flip(-1).cumsum(-1).flip(-1)  # (K, h, Q): sum over t >= k
-    dA = (d.dt * ddA).sum((0, 2))
-    dx = buf.dx if dx_out is None else dx_out
-    if rows is not None:  # dx = dt d xd + D dY, <x, d xd>, dD, in one pass
-        ddt, dx, dD = _input_grads(rows, x, dy, dxd, buf.dxd_h, d.dt, D, dx)
-        return G_in, dx, dB, dC, ddt + A[:, None] * ddA, dA, dD
+    sums.dA.add_((d.dt * ddA).sum((0, 2)))
     ddt = torch.mul(x, dxd, out=buf.tmp).sum(-1).transpose(-1, -2) + A[:, None] * ddA
+    sums.ddt.copy_(ddt)
     dx = torch.mul(dxd, dt_q, out=dx)
-    dD = None
     if D is not None:
         dx.addcmul_(dy, D[:, None])
-        dD = torch.mul(dy, x, out=buf.tmp).sum((0, 1, 3))
-    return G_in, dx, dB, dC, ddt, dA, dD
+        sums.dD.add_(torch.mul(dy, x, out=buf.tmp).sum((0, 1, 3)))
+    return G_in, dx, dB, dC
 
 
 def _row_dots(
@@ -443,15 +455,14 @@ def _row_dots(
 
 def _input_grads(
     lib, x: Tensor, dy: Tensor, dxd: Tensor | None, dxd_h: Tensor, dt: Tensor,
-    D: Tensor | None, dx: Tensor,
-) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+    D: Tensor | None, dx: Tensor, dD: Tensor | None,
+) -> Tensor:  # fmt: skip
     """A block's last pass by the C kernel (`ssd_cpu.c`'s `ssd_input_grads`): with d xd =
     dxd (time-major, the state part; None: 0) + dxd_h^T (heads first, the diagonal
-    blocks'), dx = dt d xd + D dY written into dx, and returned with <x, d xd> (K, h, Q)
-    and dD = sum <dY, x> (h,) (None without D; summed in double)."""
+    blocks'), dx = dt d xd + D dY written into dx and sum <dY, x> added into dD (h,),
+    float64 (None without D); returns <x, d xd> (K, h, Q)."""
     K, Q, h, p = x.shape
     ddt = x.new_empty(K, h, Q)
-    dD = None if D is None else torch.zeros(h, dtype=torch.float64)
     D = None if D is None else D.contiguous()  # held for the call
     native.check(
         lib.ssd_input_grads(
@@ -462,7 +473,28 @@ def _input_grads(
         ),
         "ssd_input_grads",
     )  # fmt: skip
-    return ddt, dx, None if dD is None else dD.to(x.dtype)
+    return ddt
+
+
+def _exponent_grads(
+    lib, dcs: Tensor, FdF: Tensor | None, EdE: Tensor | None, WdW: Tensor | None,
+    dt: Tensor, A: Tensor, ddt_direct: Tensor, sums: Sums,
+) -> None:  # fmt: skip
+    """dt's and A's gradients through the exponents, by the C kernel (`ssd_cpu.c`'s
+    `ssd_exponent_grads`): ddA = the reverse cumulative sum of dcs + F dF - E dE (+ the
+    chunk's sum of E dE and W dW on its last step), written as ddt = ddt_direct + A ddA
+    into sums.ddt, and sum dt ddA added into sums.dA. All (K, h, Q) but W dW (K, h) and
+    A (h,); dt and sums.ddt a block's rows, the rest contiguous."""
+    K, h, Q = dcs.shape
+    A = A.contiguous()  # held for the call
+    native.check(
+        lib.ssd_exponent_grads(
+            dcs.data_ptr(), native.ptr(FdF), native.ptr(EdE), native.ptr(WdW), dt.data_ptr(),
+            dt.stride(0), A.data_ptr(), ddt_direct.data_ptr(), K, h, Q, sums.ddt.data_ptr(),
+            sums.ddt.stride(0), sums.dA.data_ptr(),
+        ),
+        "ssd_exponent_grads",
+    )  # fmt: skip
 
 
 def _add_matmul(acc: Tensor | None, a: Tensor, b: Tensor, out: Tensor) -> Tensor:
