@@ -50,10 +50,11 @@ over (Q, Q) and (Q, p) tensors per head. Memory: the saved inputs, the chunk sta
 ((b, c, h, p, n), x's size when N = Q), and one block's temporaries.
 
 On the CPU in float32 the (Q x Q) work per chunk and head (P = L o tril(C B^T), and from
-dP: d(C B^T) and the sums of Z) and the per-step dot products (F dF, E dE, <x, d xd>,
-dD, with dx) run as C kernels (`aotlib/ssd_cpu.c`, through `aotlib.native`), one pass
-each over what the torch forms below pass over four to six times; the torch forms are
-their references and run elsewhere (CUDA, float64, no compiler, `AOTLIB_NATIVE=0`).
+dP: d(C B^T) and the sums of Z), the per-step dot products (F dF, E dE, <x, d xd>, dD,
+with dx) and the exponents' gradient carried on to dt and A run as C kernels
+(`aotlib/ssd_cpu.c`, through `aotlib.native`), one pass each over what the torch forms
+below pass over four to six times; the torch forms are their references and run
+elsewhere (CUDA, float64, no compiler, `AOTLIB_NATIVE=0`).
 
 Known zeros are skipped where a block allows it: with no initial state the states
 entering the first chunks are 0 (so are 4*'s products with them, and 3*'s gradient
