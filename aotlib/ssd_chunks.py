@@ -319,32 +319,25 @@ def masked_decay_backward(
 
 
 def _block_strides(dec: ChunkDecays) -> tuple[int, int]:
-    """The kernels' chunk strides: of dA, dt, into and the outs (one, checked), and of
-    between; each chunk's part must be contiguous (checked on the strides: indexing a chunk
-    to ask would cost an op per tensor, per block)."""
-    K, h, nI, R = dec.into.shape
-    sk = dec.dA.stride(0)
-    ok = all(
-        t.stride()[0] == sk and t.stride()[1:] == _contiguous_strides(t.shape[1:])
-        for t in (dec.dA, dec.dt, dec.into, dec.out, dec.out_dt)
-    ) and dec.between.stride()[1:] == _contiguous_strides(dec.between.shape[1:])
-    if not (ok and dec.dA.shape[1:] == (h, nI * R)):
-        raise ValueError("the SSD kernels take a block's decays (ChunkDecays.block)")
-    return sk, dec.between.stride(0)
+    """The kernels' chunk strides: of dA, dt, into, the outs (all (h, Q) per chunk, so one
+    stride) and of between. A block's rows of contiguous flattened decays, which
+    `ssd_kernels` checked once per call."""
+    return dec.dA.stride(0), dec.between.stride(0)
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return tuple(reversed(strides))
+# the decays the kernels read, each a contiguous (b c, ...) flattening (`flat_decays`)
+_KERNEL_DECAYS = ("dt", "dA", "into", "out", "out_dt", "between", "from_start", "decay_to_end")
 
 
-def ssd_kernels(*tensors: Tensor):
-    """`ssd_cpu.c` (`masked_decay`, `masked_decay_backward`) for these tensors, or None:
-    the torch forms (`decay_matrix` and masking) run. See `aotlib.native.kernels_for`."""
-    return native.kernels_for("ssd_cpu", *tensors)
+def ssd_kernels(x: Tensor, flat: ChunkDecays):
+    """`ssd_cpu.c` for this call (`masked_decay`, `masked_decay_backward` and the backward's
+    dot products), or None, and the torch forms run: see `aotlib.native.kernels_for`; also
+    None unless every decay the kernels read is contiguous in `flat` (`flat_decays`; a
+    block's rows of it then share one chunk stride), checked here once, not per block."""
+    decays = [getattr(flat, name) for name in _KERNEL_DECAYS]
+    if not all(t.is_contiguous() for t in decays):
+        return None
+    return native.kernels_for("ssd_cpu", x, *decays)
 
 
 def chunk_state(
@@ -632,7 +625,7 @@ def _chunked_in_blocks(
         (m, g, n, hgp),  # the state leaving a block for the next one
     )
     work = (U_t, V.zero_(), sums)  # V is 0 off its block diagonal
-    lib = ssd_kernels(x, dec.dA)  # C kernels for the (Q x Q) tiles, or None
+    lib = ssd_kernels(x, flat)  # C kernels for the (Q x Q) tiles, or None
     S_final = x.new_empty(b, g, n, hgp)
     for i0, i1, k0, k1 in blocks(b, c, m, k):
         mb, kb = i1 - i0, k1 - k0

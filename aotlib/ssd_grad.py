@@ -193,8 +193,8 @@ def chunked_backward(
         )
     )
     bufs.V.zero_()  # 0 off its block diagonal (the buffer is shared with the forward)
-    lib = ssd_kernels(x, dec.dA)  # the (Q x Q) tiles' C kernels, or None: torch forms
     flat = flat_decays(dec)  # (b c, ...)
+    lib = ssd_kernels(x, flat)  # the (Q x Q) tiles' C kernels, or None: torch forms
     G_out = dS  # gradient of the state leaving the current block (None: 0)
     for i0, i1, k0, k1 in reversed(blocks(b, c, m, k)):
         kb, t0, t1 = k1 - k0, k0 * Q, min(k1 * Q, l)
@@ -290,10 +290,10 @@ def _block_backward(
     """One block's adjoints. x, dy (K, Q, h, p) for the block's K = m k chunks (m
     sequences of k); B, C (K, Q, g, n); d its decays (K, ...); whole (m, k, h); S_ent
     (m, k, g, n, hg*p) the states entering its chunks; G_out (m, g, n, hg*p) the
-    gradient of the state leaving it; dx_out (K, Q, h, p) where dx
-    goes, if given; lib the C kernels for the (Q x Q) tiles (`ssd_kernels`), or None for
-    the torch forms. Returns the gradient of the state entering the block (None unless
-    `need_G_in`), then dx, dB and dC (K, g, Q, n), ddt (K, h, Q), dA and dD.
+    gradient of the state leaving it; dx_out (K, Q, h, p) where dx goes, if given; sums
+    where ddt goes (K, h, Q) and dA and dD are added (`Sums`); lib the C kernels
+    (`ssd_kernels`), or None for the torch forms. Returns the gradient of the state
+    entering the block (None unless `need_G_in`), then dx, dB and dC (K, g, Q, n).
 
     A column block (k = 1) may have S_ent None (all 0: a first column, no initial state)
     or G_out None (no gradient: a last column, final state unused); then the products
@@ -439,11 +439,9 @@ def _row_dots(
     """w_t (w2_t) <a_t, b_t> for every step and head of a block, (K, h, Q), by the C kernel
     (`ssd_cpu.c`'s `ssd_row_dots`); with `scale_b`, b is then scaled by w in place. a (K,
     Q, h, p) with its (h, p) contiguous, b (K, Q, h, p) contiguous, w (K, Q, h) and w2 (K,
-    h, Q) a block's decays (each chunk's part contiguous)."""
+    h, Q) a block's decays (one chunk stride: see `ssd_kernels`)."""
     K, Q, h, p = b.shape
     out = b.new_empty(K, h, Q)
-    if w2 is not None and w2.stride(0) != w.stride(0):
-        raise ValueError("w and w2 must be a block's decays (one chunk stride)")
     native.check(
         lib.ssd_row_dots(
             a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), w.data_ptr(),

@@ -94,6 +94,12 @@ def fwd_bwd(function: Callable, inp: dict, dy: torch.Tensor, chunk: int) -> Call
     return call
 
 
+def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """The largest difference between two lists of results, each relative to b's tensor's
+    largest entry."""
+    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip(a, b))
+
+
 def main(argv: list[str] | None = None) -> int:
     doc = __doc__.splitlines()[0]
     p = argparse.ArgumentParser(prog="python -m aotlib.bench against", description=doc)
@@ -121,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "working tree": fwd_bwd(aotlib.ssd_grad.chunked_ssd_function, inp, dy, setup.chunk),
     }
     outs = {name: call() for name, call in calls.items()}  # also the warm-up
-    worst = max(
-        ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-        for a, b in zip(*outs.values())
-    )
+    worst = max_rel_diff(*outs.values())
     same = all(torch.equal(a, b) for a, b in zip(*outs.values()))
     print(
         "y and every gradient: "

@@ -22,10 +22,13 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from aotlib import native
+from aotlib.bench.against import fwd_bwd, max_rel_diff
+from aotlib.bench.ssd import Setup, make_inputs, model_shape_setup, setup_for
 from aotlib.mamba2 import GatedRMSNorm, causal_conv_silu
 from aotlib.models import linear_cross_entropy
 from aotlib.ssd_grad import chunked_ssd_function
@@ -76,24 +79,12 @@ def head_case() -> Case:
     return run
 
 
-def ssd_case(b: int, l: int, h: int, p: int, n: int, Q: int) -> Case:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(b, l, h, p, generator=gen).requires_grad_(True)
-    dt = (torch.rand(b, l, h, generator=gen) * 0.5 + 0.01).requires_grad_(True)
-    A = (-torch.rand(h, generator=gen) - 0.1).requires_grad_(True)
-    B, C = (torch.randn(b, l, 1, n, generator=gen) / n**0.5 for _ in range(2))
-    B, C = B.requires_grad_(True), C.requires_grad_(True)
-    D, dy = torch.ones(h, requires_grad=True), torch.randn(b, l, h, p, generator=gen)
-    leaves = [x, dt, A, B, C, D]
-
-    def run() -> list[torch.Tensor]:
-        for t in leaves:
-            t.grad = None
-        y, _ = chunked_ssd_function(x, dt, A, B, C, D, None, Q, False)
-        y.backward(dy)
-        return [y, *(t.grad for t in leaves)]
-
-    return run
+def ssd_case(setup: Setup) -> Case:
+    """The chunked SSD's forward + backward (`python -m aotlib.bench ssd`'s inputs at
+    `setup`'s first training length, D = 1, as `python -m aotlib.bench against` runs it)."""
+    inp = make_inputs(setup, setup.train_lengths[0], setup.dstate)
+    inp["D"] = torch.ones(setup.nheads)
+    return fwd_bwd(chunked_ssd_function, inp, torch.randn_like(inp["x"]), setup.chunk)
 
 
 CASES = {
@@ -101,8 +92,8 @@ CASES = {
     "gated RMSNorm (d=256)": lambda: norm_case(256, gated=True),
     "residual RMSNorm (d=128)": lambda: norm_case(128, gated=False),
     "LM head + loss (N=V=4096, d=128)": head_case,
-    "SSD (b=32, l=128, p=32, N=64, Q=32)": lambda: ssd_case(32, 128, 8, 32, 64, 32),
-    "SSD (b=2, l=4096, p=N=Q=64)": lambda: ssd_case(2, 4096, 8, 64, 64, 64),
+    "SSD (b=32, l=128, p=32, N=64, Q=32)": lambda: ssd_case(model_shape_setup(setup_for())),
+    "SSD (b=2, l=4096, p=N=Q=64)": lambda: ssd_case(replace(setup_for(), train_lengths=(4096,))),
 }
 
 
@@ -112,10 +103,6 @@ def timed(run: Case, torch_form: bool) -> tuple[float, list[torch.Tensor]]:
         t0 = time.process_time()
         out = run()
         return time.process_time() - t0, out
-
-
-def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip(a, b))
 
 
 def main(argv: list[str] | None = None) -> int:
