@@ -12,6 +12,7 @@ import sys
 
 from aotlib.arrow import paired_bootstrap, seed_spread
 from aotlib.experiments import GRIDS, both_directions, lm_config
+from aotlib.memory import keep_freed_memory
 from aotlib.mqar import MQARConfig, get_mqar_result, mqar_result_path
 from aotlib.results import claim, get_result, result_path
 
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--shard", default="0/1", help="i/n: this process takes every n-th run")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # a training process reuses what it frees (aotlib.memory)
 
     if args.command == "grid":
         i, n = (int(x) for x in args.shard.split("/"))

@@ -10,11 +10,8 @@ its torch form and reference.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import math
-import sys
 import threading
 from typing import NamedTuple
 
@@ -23,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aotlib import native
+from aotlib.memory import advise_huge_pages
 
 # ---------------------------------------------------------------------------
 # Form 3: the chunked algorithm (the paper's 4 steps)
@@ -494,44 +492,11 @@ def _scratch(x: Tensor, *shapes: tuple[int, ...]) -> list[Tensor]:
     return views
 
 
-def _load_madvise():
-    """libc's madvise, or None where there is none (not Linux)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return fn if sys.platform.startswith("linux") else None
-
-
-_MADVISE = _load_madvise()
-_MADV_HUGEPAGE, _HUGE = 14, 1 << 21  # Linux's advice number, and x86-64's huge page
-_GLIBC_MMAP_MAX = 32 << 20  # glibc (64-bit) maps every block from this size on by itself
-
-
 def new_output(like: Tensor, *shape: int) -> Tensor:
-    """An uninitialised tensor like `like` for a large output (y, dx), backed by huge pages
-    where glibc maps it on its own and Linux allows it (transparent huge pages in
-    "madvise" mode).
-
-    Measured here (`python -m aotlib.bench ssd`): a fresh output over glibc's largest mmap
-    threshold (32 MB; y at l = 16K in the benchmark is 64 MB) is mapped afresh on every
-    call, and faulting it in 4 KiB page by page, on first write, cost about 25 ms per 64 MB
-    (a third of the forward's time per token at 16K and beyond). With 2 MiB pages the same
-    writes cost about 4 ms. Below that threshold glibc carves the output from its heap,
-    and there the advice made the first writes slower, not faster (16 MB: 27-40 ms against
-    7 ms; dx's pass at 4K in the backward 15-22 ms against 8-10), so it is given only from
-    32 MB on. Only advice: the numbers are the same either way.
-    """
-    out = like.new_empty(shape)
-    nbytes = out.numel() * out.element_size()
-    if _MADVISE is not None and out.device.type == "cpu" and nbytes >= _GLIBC_MMAP_MAX:
-        start = -(-out.data_ptr() // _HUGE) * _HUGE  # the whole huge pages inside
-        end = (out.data_ptr() + nbytes) // _HUGE * _HUGE
-        if end > start:
-            _MADVISE(start, end - start, _MADV_HUGEPAGE)  # a failure leaves 4 KiB pages
-    return out
+    """An uninitialised tensor like `like` for a large output (y, dx, the chunk states),
+    advised onto huge pages (`aotlib.memory.advise_huge_pages`: a third of the forward's
+    time per token at 16K and beyond went to faulting fresh 4 KiB pages in)."""
+    return advise_huge_pages(like.new_empty(shape))
 
 
 def block_plan(b: int, c: int, h: int, Q: int, p: int, n: int) -> tuple[int, int]:

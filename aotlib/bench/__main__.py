@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from aotlib.memory import keep_freed_memory
+
 # name -> module with a `main(argv) -> int`; imported only when asked for, so one
 # benchmark's imports (triton, torch.compile) never slow down or break another.
 BENCHMARKS = {
@@ -13,6 +15,7 @@ BENCHMARKS = {
     "train": "aotlib.bench.train",
     "against": "aotlib.bench.against",
     "native": "aotlib.bench.native",
+    "memory": "aotlib.bench.memory",
 }
 
 
@@ -23,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m aotlib.bench {{{names}}} [options]", file=sys.stderr)
         return 2
     name, rest = argv[0], argv[1:]
+    keep_freed_memory()  # as `python -m aotlib` trains: freed memory is reused (aotlib.memory)
     sys.argv = [f"python -m aotlib.bench {name}", *rest]  # argparse's usage line
     return importlib.import_module(BENCHMARKS[name]).main(rest)
 
