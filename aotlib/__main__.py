@@ -3,18 +3,25 @@
 python -m aotlib train --arch gpt --lang fr --direction backward
 python -m aotlib arrow --arch gpt --lang fr --seeds 0 1
 python -m aotlib grid primes linear --shard 0/2     # a notebook's runs, half of them
+python -m aotlib check results/cpu/gpt-fr-forward-*.json  # retrain stored results, compare
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
+
+import torch
 
 from aotlib.arrow import paired_bootstrap, seed_spread
+from aotlib.checkpoint import load_json
 from aotlib.experiments import GRIDS, both_directions, lm_config
 from aotlib.memory import keep_freed_memory
-from aotlib.mqar import MQARConfig, get_mqar_result, mqar_result_path
+from aotlib.mqar import MQARConfig, get_mqar_result, mqar_result_path, train_mqar
 from aotlib.results import claim, get_result, result_path
+from aotlib.train import TrainConfig, train
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -54,6 +61,33 @@ def _train_grid_run(cfg, scale: str, progress: bool) -> str:
     return f"{result_path(cfg, scale).name}: {r['final_val_loss']:.4f}"
 
 
+def check(path: Path, tol: float, progress: bool) -> bool:
+    """Train the run stored at `path` again from its config, with the thread count it was
+    trained with (its provenance), in a temporary folder (nothing is stored); print its
+    final numbers beside the stored ones; whether each is within `tol` (absolute)."""
+    stored = load_json(path)
+    if "test_accuracy" in stored:  # an MQAR run
+        cfg, run, names = MQARConfig(**stored["config"]), train_mqar, ("test_loss", "test_accuracy")
+    else:
+        cfg, run, names = TrainConfig.from_dict(stored["config"]), train, ("final_val_loss",)
+    if cfg.key() != stored["key"]:
+        raise SystemExit(f"{path}: its config hashes to {cfg.key()}, not its key {stored['key']}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(stored["provenance"].get("threads", threads))  # matmuls round by it
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            again = run(cfg, Path(folder), progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+    ok = True
+    for name in names:
+        diff = abs(again[name] - stored[name])
+        ok &= diff <= tol
+        same = "equal" if diff == 0 else f"{diff:.2g} apart" + ("" if diff <= tol else " (> tol)")
+        print(f"{path.name}: {name} stored {stored[name]:.7f}, again {again[name]:.7f}: {same}")
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aotlib", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--scale", default="cpu", choices=["smoke", "cpu", "paper"])
     g.add_argument("--shard", default="0/1", help="i/n: this process takes every n-th run")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    c = sub.add_parser("check", help="train stored results again and compare their numbers")
+    c.add_argument("paths", nargs="+", type=Path, help="result files (results/<scale>/*.json)")
+    c.add_argument("--tol", type=float, default=1e-5, help="largest difference taken as equal")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     keep_freed_memory()  # a training process reuses what it frees (aotlib.memory)
 
@@ -92,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                     if not mine:
                         continue
                     print(_train_grid_run(cfg, args.scale, not args.quiet), flush=True)
+
+    if args.command == "check":
+        results = [check(path, args.tol, not args.quiet) for path in args.paths]
+        return 0 if all(results) else 1
 
     if args.command == "train":
         cfg = _config(args, args.direction, args.seed)

@@ -206,3 +206,28 @@ def test_load_grid_without_training_keeps_complete_pairs(store: Path, calls: lis
     assert list(groups) == ["fr"] and len(groups["fr"]) == 2
     with pytest.raises(ValueError, match="not a forward/backward pair"):
         group_pairs(kept[1:3], results[1:3], lambda c: c.seed)
+
+
+SMOKE = Path(__file__).resolve().parents[1] / "results" / "smoke"
+
+
+def test_cli_check_trains_stored_runs_again_to_the_same_numbers(capsys) -> None:
+    paths = [
+        *SMOKE.glob("gpt-primes-forward-*.json"),
+        *SMOKE.glob("mqar-mamba2-d16-N2-K2-lr0.003-s0-*.json"),
+    ]
+    assert len(paths) == 2
+    assert main(["check", *map(str, paths), "--tol", "0", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": equal") == 3  # a final loss; an MQAR test loss and accuracy
+
+
+def test_cli_check_fails_on_a_stored_number_it_does_not_reach(tmp_path: Path, capsys) -> None:
+    from aotlib.checkpoint import load_json, save_json
+
+    [path] = SMOKE.glob("gpt-primes-forward-*.json")
+    result = load_json(path)
+    result["final_val_loss"] += 1e-3  # a valid file (checksum and key) with another number
+    save_json(tmp_path / path.name, result)
+    assert main(["check", str(tmp_path / path.name), "--quiet"]) == 1
+    assert "0.001 apart (> tol)" in capsys.readouterr().out
