@@ -73,7 +73,7 @@ def check(path: Path, tol: float, progress: bool) -> bool:
     if cfg.key() != stored["key"]:
         raise SystemExit(f"{path}: its config hashes to {cfg.key()}, not its key {stored['key']}")
     threads = torch.get_num_threads()
-    torch.set_num_threads(stored["provenance"].get("threads", threads))  # matmuls round by it
+    torch.set_num_threads(stored.get("provenance", {}).get("threads", threads))  # rounds by it
     try:
         with tempfile.TemporaryDirectory() as folder:
             again = run(cfg, Path(folder), progress=progress)
