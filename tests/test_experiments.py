@@ -208,26 +208,33 @@ def test_load_grid_without_training_keeps_complete_pairs(store: Path, calls: lis
         group_pairs(kept[1:3], results[1:3], lambda c: c.seed)
 
 
-SMOKE = Path(__file__).resolve().parents[1] / "results" / "smoke"
+def stored_smoke_runs() -> list[Path]:
+    """A synthetic-language GPT and an MQAR Mamba-2 at the smoke scale, trained and stored
+    (seconds each), their result files."""
+    from aotlib.mqar import get_mqar_result, mqar_grid, mqar_result_path
+
+    primes = GRIDS["primes"]("smoke")[0]
+    mqar = next(cfg for cfg in mqar_grid("smoke") if cfg.arch == "mamba2")
+    get_result(primes, "smoke", progress=False)
+    get_mqar_result(mqar, "smoke", progress=False)
+    return [result_path(primes, "smoke"), mqar_result_path(mqar, "smoke")]
 
 
-def test_cli_check_trains_stored_runs_again_to_the_same_numbers(capsys) -> None:
-    paths = [
-        *SMOKE.glob("gpt-primes-forward-*.json"),
-        *SMOKE.glob("mqar-mamba2-d16-N2-K2-lr0.003-s0-*.json"),
-    ]
-    assert len(paths) == 2
+def test_cli_check_trains_stored_runs_again_to_the_same_numbers(store: Path, capsys) -> None:
+    paths = stored_smoke_runs()
     assert main(["check", *map(str, paths), "--tol", "0", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert out.count(": equal") == 3  # a final loss; an MQAR test loss and accuracy
 
 
-def test_cli_check_fails_on_a_stored_number_it_does_not_reach(tmp_path: Path, capsys) -> None:
+def test_cli_check_fails_on_a_stored_number_it_does_not_reach(store: Path, capsys) -> None:
     from aotlib.checkpoint import load_json, save_json
 
-    [path] = SMOKE.glob("gpt-primes-forward-*.json")
+    primes = GRIDS["primes"]("smoke")[0]
+    get_result(primes, "smoke", progress=False)
+    path = result_path(primes, "smoke")
     result = load_json(path)
     result["final_val_loss"] += 1e-3  # a valid file (checksum and key) with another number
-    save_json(tmp_path / path.name, result)
-    assert main(["check", str(tmp_path / path.name), "--quiet"]) == 1
+    save_json(path, result)
+    assert main(["check", str(path), "--quiet"]) == 1
     assert "0.001 apart (> tol)" in capsys.readouterr().out
