@@ -1,4 +1,4 @@
-"""Command line: `python -m aotlib {train,arrow,grid} ...`.
+"""Command line: `python -m aotlib {train,arrow,grid,check} ...`.
 
 python -m aotlib train --arch gpt --lang fr --direction backward
 python -m aotlib arrow --arch gpt --lang fr --seeds 0 1
@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
-
-import torch
 
 from aotlib.arrow import paired_bootstrap, seed_spread
 from aotlib.checkpoint import load_json
 from aotlib.experiments import GRIDS, both_directions, lm_config
 from aotlib.memory import keep_freed_memory
 from aotlib.mqar import MQARConfig, get_mqar_result, mqar_result_path, train_mqar
-from aotlib.results import claim, get_result, result_path
+from aotlib.results import claim, get_result, result_path, train_again
 from aotlib.train import TrainConfig, train
 
 
@@ -62,23 +59,18 @@ def _train_grid_run(cfg, scale: str, progress: bool) -> str:
 
 
 def check(path: Path, tol: float, progress: bool) -> bool:
-    """Train the run stored at `path` again from its config, with the thread count it was
-    trained with (its provenance), in a temporary folder (nothing is stored); print its
-    final numbers beside the stored ones; whether each is within `tol` (absolute)."""
+    """Train the run stored at `path` (a language-model or an MQAR run) again
+    (`aotlib.results.train_again`) and print its final numbers beside the stored ones;
+    whether each is within `tol` (absolute)."""
     stored = load_json(path)
-    if "test_accuracy" in stored:  # an MQAR run
+    if "test_accuracy" in stored:
         cfg, run, names = MQARConfig(**stored["config"]), train_mqar, ("test_loss", "test_accuracy")
     else:
         cfg, run, names = TrainConfig.from_dict(stored["config"]), train, ("final_val_loss",)
-    if cfg.key() != stored["key"]:
-        raise SystemExit(f"{path}: its config hashes to {cfg.key()}, not its key {stored['key']}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(stored.get("provenance", {}).get("threads", threads))  # rounds by it
     try:
-        with tempfile.TemporaryDirectory() as folder:
-            again = run(cfg, Path(folder), progress=progress)
-    finally:
-        torch.set_num_threads(threads)
+        again = train_again(stored, cfg, run, progress)
+    except ValueError as err:
+        raise SystemExit(f"{path}: {err}") from err
     ok = True
     for name in names:
         diff = abs(again[name] - stored[name])

@@ -63,11 +63,11 @@ _SIGNATURES = {
         + [_i64, ctypes.c_int]
         + [_i64] * 4
         + [_ptr],
-        # x, dy (each with chunk and step strides), dxd (or NULL), dxd_h, dt, its chunk
-        # stride, D (or NULL), K, Q, h, p, dx with its strides, ddt, dD (double, or NULL)
         # dcs, F dF, E dE, W dW (each or NULL), dt, its chunk stride, A, ddt_direct,
         # K, h, Q, ddt, its chunk stride, dA (double, added into)
         "ssd_exponent_grads": [_ptr] * 5 + [_i64, _ptr, _ptr] + [_i64] * 3 + [_ptr, _i64, _ptr],
+        # x, dy (each with chunk and step strides), dxd (or NULL), dxd_h, dt, its chunk
+        # stride, D (or NULL), K, Q, h, p, dx with its strides, ddt, dD (double, or NULL)
         "ssd_input_grads": [_ptr, _i64, _i64] * 2
         + [_ptr] * 3
         + [_i64, _ptr]

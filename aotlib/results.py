@@ -11,6 +11,7 @@ per process.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from aotlib.checkpoint import CorruptFile, load_json, save_json
 from aotlib.paths import cache_dir, fresh, results_dir
@@ -94,6 +96,22 @@ def stored_or_trained(
     if fresh():
         _refreshed.add(key)
     return result
+
+
+def train_again(stored: dict[str, Any], cfg: Any, run, progress: bool = False) -> dict[str, Any]:
+    """A stored result's run trained again: `run(cfg, folder, progress=...)` for `cfg` (its
+    config, anything with a `key()`: `TrainConfig`, an MQAR config) with the thread count
+    `stored` was trained with (its provenance: threads round differently), in a temporary
+    folder (nothing is stored). Raises ValueError if `cfg` is not the stored run's."""
+    if cfg.key() != stored["key"]:
+        raise ValueError(f"the config hashes to {cfg.key()}, not the stored key {stored['key']}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(stored.get("provenance", {}).get("threads", threads))
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            return run(cfg, Path(folder), progress=progress)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextmanager

@@ -36,7 +36,7 @@ from types import ModuleType
 import torch
 
 import aotlib.ssd_grad
-from aotlib.bench.ssd import make_inputs, model_shape_setup, setup_for
+from aotlib.bench.ssd import Setup, make_inputs, model_shape_setup, setup_for
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (git show reads REV there)
 
@@ -80,6 +80,14 @@ def called_as_now(old: Callable) -> Callable:
     return function
 
 
+def training_inputs(setup: Setup, length: int) -> tuple[dict, torch.Tensor]:
+    """`python -m aotlib.bench ssd`'s inputs at `length` with D = 1, and a fixed random dy:
+    what `fwd_bwd` takes (for `against`, `native` and `memory` alike)."""
+    inp = make_inputs(setup, length, setup.dstate)
+    inp["D"] = torch.ones(setup.nheads)
+    return inp, torch.randn_like(inp["x"])
+
+
 def fwd_bwd(function: Callable, inp: dict, dy: torch.Tensor, chunk: int) -> Callable[[], list]:
     """One forward+backward of `function` (a `chunked_ssd_function`): [y, grads...], with
     no initial state and the final state unused, as the models run it."""
@@ -114,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.length is None:
         setup = model_shape_setup(setup)
     length = args.length or setup.train_lengths[0]
-    inp = make_inputs(setup, length, setup.dstate)
-    inp["D"] = torch.ones(setup.nheads)
-    dy = torch.randn_like(inp["x"])
+    inp, dy = training_inputs(setup, length)
     shape = f"{setup.nheads} heads of {setup.headdim}, N = {setup.dstate}, chunk {setup.chunk}"
     print(f"batch {setup.batch}, length {length}, {shape}; threads {torch.get_num_threads()}")
 

@@ -27,8 +27,8 @@ from dataclasses import replace
 import torch
 
 from aotlib import native
-from aotlib.bench.against import fwd_bwd, max_rel_diff
-from aotlib.bench.ssd import Setup, make_inputs, model_shape_setup, setup_for
+from aotlib.bench.against import fwd_bwd, max_rel_diff, training_inputs
+from aotlib.bench.ssd import Setup, model_shape_setup, setup_for
 from aotlib.mamba2 import GatedRMSNorm, causal_conv_silu
 from aotlib.models import linear_cross_entropy
 from aotlib.ssd_grad import chunked_ssd_function
@@ -81,10 +81,9 @@ def head_case() -> Case:
 
 def ssd_case(setup: Setup) -> Case:
     """The chunked SSD's forward + backward (`python -m aotlib.bench ssd`'s inputs at
-    `setup`'s first training length, D = 1, as `python -m aotlib.bench against` runs it)."""
-    inp = make_inputs(setup, setup.train_lengths[0], setup.dstate)
-    inp["D"] = torch.ones(setup.nheads)
-    return fwd_bwd(chunked_ssd_function, inp, torch.randn_like(inp["x"]), setup.chunk)
+    `setup`'s first training length, as `python -m aotlib.bench against` runs it)."""
+    inp, dy = training_inputs(setup, setup.train_lengths[0])
+    return fwd_bwd(chunked_ssd_function, inp, dy, setup.chunk)
 
 
 CASES = {
